@@ -1,0 +1,253 @@
+"""The checkpoint store: atomic writes, verified reads, newest-valid lookup, retention.
+
+A checkpoint is one `torch.save` file, `ckpt-<global_step>-<kind>.pt`, loadable with
+`torch.load(path, weights_only=True)`. Its integrity check is the CRC-32 that torch's zip
+container records for every record at save time (the pickled structure and each tensor),
+verified in full before loading: a truncated, corrupted, unreadable or foreign file is
+never used. A checkpoint exists only when complete: temp file, fsync, rename, fsync the
+directory. A file found invalid when resuming is renamed `*.invalid` (kept for inspection,
+out of the way of retention and of later runs).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from daemon.errors import CheckpointWriteError
+
+FORMAT_VERSION = 1
+KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
+REQUIRED_KEYS = frozenset(
+    {"format_version", "kind", "state_dict", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
+     "metrics", "history", "data", "rng", "config", "fingerprint"}
+)  # fmt: skip
+NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
+TEMP_PREFIX = ".tmp-"
+LOGGED_STEP_FILE = "last-logged-step.json"
+
+
+class InvalidCheckpoint(Exception):
+    """The file is not a usable checkpoint; the message says why."""
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: Path
+    kind: str
+    global_step: int
+    bytes: int
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A checkpoint file as found on disk, with what reading it told."""
+
+    path: Path
+    global_step: int
+    kind: str
+    bytes: int
+    state: dict | None = None  # the loaded content, when valid
+    reason: str | None = None  # why it is invalid
+
+    @property
+    def valid(self) -> bool:
+        return self.state is not None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Verify every record's checksum, then load with weights_only=True; raise InvalidCheckpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt_record = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise InvalidCheckpoint(f"incomplete or not a checkpoint archive ({exc})") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise InvalidCheckpoint(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if corrupt_record is not None:
+        raise InvalidCheckpoint(f"checksum mismatch in record {corrupt_record}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, a file that does not load is not a checkpoint
+        raise InvalidCheckpoint(f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
+        raise InvalidCheckpoint("not a trainer checkpoint (keys missing)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise InvalidCheckpoint(f"format version {state['format_version']!r}, this trainer reads {FORMAT_VERSION}")
+    if state["kind"] not in KINDS:
+        raise InvalidCheckpoint(f"unknown kind {state['kind']!r}")
+    return state
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path, keep_last: int) -> None:
+        self.directory = directory
+        self.keep_last = keep_last
+
+    def path_for(self, global_step: int, kind: str) -> Path:
+        return self.directory / f"ckpt-{global_step:010d}-{kind}.pt"
+
+    def save(self, state: dict[str, Any]) -> SaveResult:
+        """Write `state` atomically and durably, then apply retention. Raises CheckpointWriteError."""
+        started = time.perf_counter()
+        path = self.path_for(state["global_step"], state["kind"])
+        temp = self.directory / f"{TEMP_PREFIX}{path.name}.{os.getpid()}"
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created 0600 first: torch.save keeps the mode of a file it truncates.
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            torch.save(state, temp)
+            _fsync_path(temp)
+            os.replace(temp, path)
+            _fsync_path(self.directory)
+            size = path.stat().st_size
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {exc.strerror or exc}; free space or fix permissions in "
+                f"{self.directory} (the previous checkpoints are intact)"
+            ) from None
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._apply_retention()
+        return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
+
+    def _listed(self) -> list[Entry]:
+        """Checkpoint files by name, not yet read, newest first (global step, then write time)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = NAME.match(path.name)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed by a running trainer's retention meanwhile
+                continue
+            if match:
+                entry = Entry(path, int(match["step"]), match["kind"], stat.st_size)
+                found.append((entry.global_step, stat.st_mtime_ns, entry))
+        found.sort(key=lambda item: item[:2], reverse=True)
+        return [entry for _, _, entry in found]
+
+    def _apply_retention(self) -> None:
+        for entry in self._listed()[self.keep_last :]:
+            entry.path.unlink(missing_ok=True)
+
+    def scan(self) -> list[Entry]:
+        """Every checkpoint file, newest first, each verified in full (for `trainer status`)."""
+        return [self._read(entry) for entry in self._listed()]
+
+    @staticmethod
+    def _read(entry: Entry) -> Entry:
+        try:
+            return dataclasses.replace(entry, state=read_checkpoint(entry.path))
+        except InvalidCheckpoint as exc:
+            return dataclasses.replace(entry, reason=str(exc))
+
+    def newest_valid(self, on_invalid: Callable[[Entry, Path], None]) -> Entry | None:
+        """The newest checkpoint that verifies; each invalid one met on the way is set aside
+        as `<name>.invalid` and reported through `on_invalid(entry, new_path)`."""
+        for listed in self._listed():
+            entry, path = self._read(listed), listed.path
+            if entry.valid:
+                return entry
+            aside = path.with_name(path.name + ".invalid")
+            os.replace(path, aside)
+            on_invalid(entry, aside)
+        return None
+
+    def mark_logged_step(self, global_step: int) -> None:
+        """Remember the step a `progress` event last reported, so that a run killed without warning
+        lets its successor say how many steps it redoes. Advisory: not fsynced, and skipped when
+        the disk refuses (the next checkpoint save reports that)."""
+        temp = self.directory / f"{TEMP_PREFIX}{LOGGED_STEP_FILE}.{os.getpid()}"
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temp.write_text(json.dumps({"global_step": global_step}))
+            os.replace(temp, self.directory / LOGGED_STEP_FILE)
+        except OSError:
+            temp.unlink(missing_ok=True)
+
+    def last_logged_step(self) -> int | None:
+        try:
+            step = json.loads((self.directory / LOGGED_STEP_FILE).read_text())["global_step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return step if isinstance(step, int) else None
+
+    def remove_temp_files(self) -> list[Path]:
+        """Temporary files left by a process killed mid-write; they were never checkpoints."""
+        if not self.directory.is_dir():
+            return []
+        stale = [p for p in self.directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` on the CPU that the training loop can no longer change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: snapshot(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(value) for value in state)
+    return state
+
+
+class BackgroundWriter:
+    """Writes snapshots through the store on one background thread, one save at a time.
+
+    The loop is blocked only for the snapshot; `submit` first waits for the save in flight,
+    so two saves never run at once, and `drain` lets the emergency path wait for it before
+    its own synchronous write (the emergency file is then the newest).
+    """
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+        self._in_flight: concurrent.futures.Future[SaveResult] | None = None
+
+    def submit(self, state: dict[str, Any]) -> list[SaveResult]:
+        """Start writing a snapshot of `state`; return the saves that finished meanwhile."""
+        finished = self.drain()
+        self._in_flight = self._executor.submit(self.store.save, snapshot(state))
+        return finished
+
+    def poll(self) -> list[SaveResult]:
+        """The save in flight, if it has finished (its error, if it failed, is raised here)."""
+        if self._in_flight is not None and self._in_flight.done():
+            return self.drain()
+        return []
+
+    def drain(self) -> list[SaveResult]:
+        """Wait for the save in flight; return it (or raise its error)."""
+        future, self._in_flight = self._in_flight, None
+        return [future.result()] if future is not None else []
+
+    def close(self) -> list[SaveResult]:
+        try:
+            return self.drain()
+        finally:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,115 @@
+"""`trainer run` / `trainer status`: parse arguments, load the config, configure logging,
+run, and turn the outcome into a documented exit code (the one exception boundary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from daemon import logs
+from daemon.config import Config
+from daemon.errors import ConfigError, ExitCode, TrainerError
+from daemon.signals import SignalRecorder
+from daemon.systemd import Notifier
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description="Signal-aware PyTorch training daemon.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "train, resuming from the newest valid checkpoint"),
+        ("status", "list the checkpoints and the one a run would resume from"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override a setting (value parsed as YAML); repeatable",
+        )  # fmt: skip
+    commands.choices["status"].add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Installed before anything slow (importing torch, loading data): a stop asked for during
+    # start-up is then recorded and honoured at the first safe point instead of killing us.
+    signals = SignalRecorder()
+    signals.install()
+    args = _parser().parse_args(argv)
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+    except ConfigError as exc:
+        logs.configure()
+        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        return exc.exit_code
+    logs.configure(cfg.log.level, cfg.log.format)
+    if args.command == "status":
+        return _status(cfg, as_json=args.json)
+    return _run(cfg, signals)
+
+
+def _run(cfg: Config, signals: SignalRecorder) -> int:
+    log = logs.get()
+    notifier = Notifier()
+    try:
+        from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
+
+        return Trainer(cfg, signals, notifier).run()
+    except TrainerError as exc:
+        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        return exc.exit_code
+    except Exception:
+        log.exception("crashed", exit_code=int(ExitCode.FAILURE))
+        return ExitCode.FAILURE
+    finally:
+        signals.restore()
+
+
+def _status(cfg: Config, as_json: bool) -> int:
+    from pathlib import Path
+
+    from daemon.checkpoint import CheckpointStore
+
+    entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
+    resume = next((entry for entry in entries if entry.valid), None)
+    rows = [
+        {
+            "path": str(entry.path),
+            "kind": entry.kind,
+            "epoch": entry.state["epoch"] if entry.valid else None,
+            "step_in_epoch": entry.state["step_in_epoch"] if entry.valid else None,
+            "global_step": entry.global_step,
+            "bytes": entry.bytes,
+            "valid": entry.valid,
+            "reason": entry.reason,
+        }
+        for entry in entries
+    ]
+    report = {
+        "checkpoint_dir": cfg.checkpoint.dir,
+        "checkpoints": rows,
+        "resume_from": str(resume.path) if resume else None,
+        "epochs": cfg.train.epochs,
+        "complete": bool(resume and resume.state["epoch"] >= cfg.train.epochs),
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return ExitCode.COMPLETE
+    print(f"checkpoints in {report['checkpoint_dir']}:")
+    for row in rows:
+        where = f"epoch {row['epoch']} step {row['step_in_epoch']}" if row["valid"] else f"INVALID: {row['reason']}"
+        print(f"  {row['path']}  {row['kind']:<9}  step {row['global_step']:>8}  {row['bytes']:>10} B  {where}")
+    if not rows:
+        print("  (none)")
+    if resume:
+        state = "complete" if report["complete"] else f"at epoch {resume.state['epoch']}/{cfg.train.epochs}"
+        print(f"a run resumes from {resume.path} ({state})")
+    else:
+        print("a run starts afresh")
+    return ExitCode.COMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

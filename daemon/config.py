@@ -1,0 +1,253 @@
+"""Typed, validated configuration, read from YAML with `--set section.key=value` overrides.
+
+Every check happens here, at start-up, before anything is written: a bad config is a
+`ConfigError` naming the file and the key, which the CLI turns into exit code 78.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = "data"  # MNIST lives in <root>/MNIST/raw/, laid out there from the shipped files
+    download: bool = True  # let torchvision download when neither the files nor the shipped copy exist
+    num_workers: int = 0  # DataLoader worker processes; the data order does not depend on it
+    shuffle: bool = True  # a new permutation every epoch, derived from train.seed and the epoch
+    train_subset: int | None = None  # train on the first N samples only (small runs, tests)
+    test_subset: int | None = None  # evaluate on the first N test samples only
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"data.{key}", "must be a positive integer or null")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [500])  # hidden layer widths of the MLP 784-...-10
+    dropout: float = 0.0  # dropout after each hidden layer
+
+    def __post_init__(self) -> None:
+        _require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "model.hidden", "must be a non-empty list of positive integers")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    name: str  # "step" (StepLR) or "cosine" (CosineAnnealingLR); stepped once per epoch
+    step_size: int = 1  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    t_max: int = 5  # cosine: epochs of one half-period
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("step", "cosine"), "optim.scheduler.name", "must be 'step' or 'cosine'")
+        _require(self.step_size >= 1, "optim.scheduler.step_size", "must be >= 1")
+        _require(self.gamma > 0, "optim.scheduler.gamma", "must be > 0")
+        _require(self.t_max >= 1, "optim.scheduler.t_max", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adam"  # "adam", "adamw" or "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    scheduler: SchedulerConfig | None = None  # null: constant learning rate
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("adam", "adamw", "sgd"), "optim.name", "must be 'adam', 'adamw' or 'sgd'")
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.momentum >= 0, "optim.momentum", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 100
+    seed: int = 0  # seeds the model init, the data order and every RNG
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    eval_batch_size: int = 1000  # evaluation only; does not change training
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.seed >= 0, "train.seed", "must be >= 0")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        valid_device = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        _require(valid_device, "train.device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 0  # also save every N steps (0: off); every epoch end always saves
+    every_seconds: float = 300.0  # also save when this long has passed since the last save (0: off)
+    keep_last: int = 3  # valid checkpoints kept; older ones are deleted after each save
+    async_save: bool = True  # periodic saves are written by a background thread from an in-memory snapshot
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    format: str = "auto"  # "auto": JSON lines off a terminal, console on one; or "json", "console"
+    progress_every_seconds: float = 5.0  # how often a `progress` event reports the epoch in flight
+
+    def __post_init__(self) -> None:
+        _require(self.level in ("debug", "info", "warning", "error"), "log.level", "must be debug, info, warning or error")
+        _require(self.format in ("auto", "json", "console"), "log.format", "must be auto, json or console")
+        _require(self.progress_every_seconds > 0, "log.progress_every_seconds", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Config:
+        """Read `path`, apply `section.key=value` overrides (values parsed as YAML), validate."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for override in overrides:
+            _apply_override(raw, override, path)
+        try:
+            return _build(cls, raw, prefix="")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting under its dotted key, e.g. {"train.batch_size": 100, ...}."""
+        return _flatten(dataclasses.asdict(self))
+
+    def exactness_fingerprint(self) -> str:
+        """Hash of every setting a bitwise-exact resume depends on."""
+        relevant = {k: v for k, v in self.flat().items() if not is_resume_safe(k)}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+# Settings that may change between a checkpoint and its resume without breaking exactness.
+# Everything else (model, optimizer, batch size, seed, data order, subsets) is refused.
+RESUME_SAFE_PREFIXES = (
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "train.epochs",
+    "train.device",
+    "train.eval_batch_size",
+    "checkpoint.",
+    "log.",
+)
+
+
+def is_resume_safe(key: str) -> bool:
+    return key.startswith(RESUME_SAFE_PREFIXES)
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _apply_override(raw: dict, override: str, path: Path) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{path}: --set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: --set {override!r}: the value is not valid YAML") from None
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: --set {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    values = {name: _convert(hints[name], raw[name], prefix + name) for name in names if name in raw}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    # bool is an int in Python; a YAML `true` where a number is meant is a mistake.
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,187 @@
+"""MNIST as tensors, and a batch sampler whose epoch order is part of the checkpoint.
+
+The images are decoded once into a uint8 tensor; a batch becomes float exactly as
+torchvision's `ToTensor` would make each sample (`x.to(float32).div(255)`), without the
+per-sample PIL round trip. Resuming mid-epoch starts the sampler at the next untrained
+batch: the skipped samples are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import MNIST
+from torchvision.datasets.utils import check_integrity, extract_archive
+
+from daemon.config import DataConfig
+from daemon.errors import DatasetUnavailable
+from daemon.signals import ignore_stop_signals_in_worker
+
+# The canonical MD5 of each uncompressed file (torchvision's table holds those of its .gz downloads).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+SHIPPED_DIR = Path(__file__).parent / "mnist"
+
+
+def prepare_mnist(root: Path, download: bool) -> list[str]:
+    """Make `<root>/MNIST/raw/` hold the four verified files; return the names laid out now.
+
+    Files already in place and intact are left alone; the others come from the copy shipped
+    with the package, or, where that is absent too and `download` allows, from torchvision.
+    """
+    raw = root / MNIST.__name__ / "raw"
+    missing = [name for name, md5 in MNIST_MD5.items() if not check_integrity(raw / name, md5)]
+    unshipped = [name for name in missing if not (SHIPPED_DIR / f"{name}.gz").exists()]
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            if name not in unshipped:
+                extract_archive(SHIPPED_DIR / f"{name}.gz", raw)
+        if unshipped and download:
+            for train in (True, False):
+                MNIST(root, train=train, download=True)
+    except (OSError, RuntimeError) as exc:
+        raise DatasetUnavailable(f"cannot lay out MNIST in {raw}: {exc}") from None
+    bad = [name for name in missing if not check_integrity(raw / name, MNIST_MD5[name])]
+    if bad:
+        hint = "" if download else " (data.download is false)"
+        raise DatasetUnavailable(
+            f"MNIST files missing or not matching their MD5 in {raw}: {', '.join(bad)}{hint}; "
+            f"place the uncompressed files there or allow data.download"
+        )
+    return missing
+
+
+class MnistTensors(Dataset):
+    """Images as one uint8 tensor; `__getitems__` serves a whole batch with one index operation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices)
+        return to_float(self.images[index]), self.labels[index]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 28, 28) to float rows (N, 784), bitwise as ToTensor + reshape would give."""
+    return images.reshape(len(images), -1).to(torch.float32).div(255)
+
+
+def load_mnist(cfg: DataConfig, train: bool) -> MnistTensors:
+    root = Path(cfg.root)
+    try:
+        dataset = MNIST(root, train=train, download=False)
+    except RuntimeError as exc:
+        raise DatasetUnavailable(f"cannot load MNIST from {root}: {exc}") from None
+    subset = cfg.train_subset if train else cfg.test_subset
+    images, labels = dataset.data, dataset.targets
+    if subset is not None:
+        images, labels = images[:subset], labels[:subset]
+    return MnistTensors(images, labels)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"trainer-data-order/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """The batches of one epoch, from a start batch on.
+
+    The order of epoch `e` is a permutation drawn from its own generator seeded by (seed, e):
+    it touches no global RNG, does not depend on num_workers, and is saved in the checkpoint
+    so that a resumed epoch continues with exactly the batches not yet trained.
+    """
+
+    VERSION = 1
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = -1  # no order drawn yet
+        self.order = torch.empty(0, dtype=torch.int32)
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        self.epoch, self.order, self.start_batch = epoch, order.to(torch.int32), 0
+
+    def start_at(self, batch: int) -> None:
+        self.start_batch = batch
+
+    def __iter__(self):
+        for batch in range(self.start_batch, len(self)):
+            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {
+            "version": self.VERSION,
+            "epoch": self.epoch,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "order": self.order.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["version"] != self.VERSION:
+            raise ValueError(f"data-order state version {state['version']}, expected {self.VERSION}")
+        if (state["num_samples"], state["batch_size"]) != (self.num_samples, self.batch_size):
+            raise ValueError(
+                f"data-order state is for {state['num_samples']} samples in batches of {state['batch_size']}, "
+                f"this run has {self.num_samples} in batches of {self.batch_size}"
+            )
+        self.epoch, self.order, self.start_batch = state["epoch"], state["order"], 0
+
+
+def _already_batched(batch):
+    return batch
+
+
+@dataclass
+class TrainData:
+    loader: DataLoader
+    sampler: EpochBatchSampler
+
+
+def build_train_data(dataset: MnistTensors, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool) -> TrainData:
+    sampler = EpochBatchSampler(len(dataset), batch_size, cfg.shuffle, seed)
+    workers = cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_already_batched,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+        pin_memory=pin_memory,
+        # Its own generator: creating an iterator draws a base seed, which must not consume
+        # the global RNG (dropout's), or a resumed epoch would diverge from an unbroken one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return TrainData(loader, sampler)

@@ -1,0 +1,47 @@
+"""Exit codes and the errors that end a run with one.
+
+The codes are chosen for what systemd does with them (see `systemd/trainer@.service`):
+STOPPED is a success that forces a restart unless the stop was asked for (`systemctl stop`),
+while CONFIG, NO_INPUT and CANT_WRITE need a person and must not restart in a loop.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    COMPLETE = 0  # training complete (also: `trainer status` answered)
+    FAILURE = 1  # unexpected error; the `crashed` event carries the traceback
+    USAGE = 2  # bad command line
+    NO_INPUT = 66  # EX_NOINPUT: dataset absent and not downloadable
+    CANT_WRITE = 73  # EX_CANTCREAT: a checkpoint could not be written (disk full, permissions)
+    STOPPED = 75  # EX_TEMPFAIL: stopped by a signal; the newest checkpoint holds the position
+    CONFIG = 78  # EX_CONFIG: bad configuration, or a checkpoint that the config cannot resume exactly
+
+
+class TrainerError(Exception):
+    """An expected failure: logged as `event` with its message, and the process exits with `exit_code`."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+    event: str = "error"
+
+
+class ConfigError(TrainerError):
+    exit_code = ExitCode.CONFIG
+    event = "config_error"
+
+
+class IncompatibleCheckpoint(TrainerError):
+    exit_code = ExitCode.CONFIG
+    event = "checkpoint_incompatible"
+
+
+class DatasetUnavailable(TrainerError):
+    exit_code = ExitCode.NO_INPUT
+    event = "dataset_unavailable"
+
+
+class CheckpointWriteError(TrainerError):
+    exit_code = ExitCode.CANT_WRITE
+    event = "checkpoint_write_failed"

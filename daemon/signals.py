@@ -1,0 +1,102 @@
+"""Signal handling: the handlers only record; the training loop acts at its next safe point.
+
+SIGTERM / SIGINT ask for a stop: the loop finishes the step in progress, writes an
+emergency checkpoint and exits with ExitCode.STOPPED. A second stop signal while that
+is happening is recorded and changes nothing (the write completes). A third one exits
+at once with the same code: the half-written temporary file is never picked, and the
+previous checkpoint stays the newest valid one.
+
+SIGUSR1 asks for a checkpoint now; training goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from daemon.errors import ExitCode
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SAVE_SIGNAL = signal.SIGUSR1
+FORCE_EXIT_AFTER = 3  # stop signals; the third one no longer waits for the emergency save
+
+
+@dataclass
+class SignalEvent:
+    signum: int
+    monotonic: float
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+@dataclass
+class SignalRecorder:
+    """Installed as the handler of STOP_SIGNALS and SAVE_SIGNAL; queried by the loop."""
+
+    stops: list[SignalEvent] = field(default_factory=list)
+    saves: list[SignalEvent] = field(default_factory=list)
+    _previous: dict[int, object] = field(default_factory=dict)
+    _reported: int = 0
+
+    def install(self) -> None:
+        for signum in (*STOP_SIGNALS, SAVE_SIGNAL):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        # No I/O and no logging here: the loop may hold the logging or file locks we would need.
+        event = SignalEvent(signum, time.monotonic())
+        if signum == SAVE_SIGNAL:
+            self.saves.append(event)
+            return
+        self.stops.append(event)
+        if len(self.stops) >= FORCE_EXIT_AFTER:
+            os._exit(ExitCode.STOPPED)
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.stops)
+
+    def take_save_request(self) -> SignalEvent | None:
+        """The oldest pending SIGUSR1, consumed; several pending ones make one checkpoint."""
+        if not self.saves:
+            return None
+        first = self.saves[0]
+        self.saves.clear()
+        return first
+
+    def unreported_stops(self) -> list[SignalEvent]:
+        """Stop signals the loop has not logged yet (each is logged once)."""
+        new = self.stops[self._reported :]
+        self._reported = len(self.stops)
+        return new
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals while DataLoader workers are forked: a worker inherits the mask, so
+    none can die of a Ctrl+C before `ignore_stop_signals_in_worker` runs. A stop signal that
+    arrives meanwhile stays pending for the main process and is handled on leaving."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a terminal's Ctrl+C reaches the whole process group, and a
+    worker that dies of it would take the batch pipeline down before the main process has saved.
+    The main process shuts its workers down itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -1,0 +1,115 @@
+"""The resumable pieces of a run that torch does not already provide, each a state_dict() pair.
+
+Stored as tensors and plain values only, so a checkpoint loads with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainProgress:
+    """Where the run stands, and the running metrics of the epoch in flight."""
+
+    epoch: int = 0  # epochs completed = index of the epoch in flight
+    step_in_epoch: int = 0  # batches of the epoch in flight already trained
+    global_step: int = 0
+    samples: int = 0  # samples trained in the epoch in flight
+    # Kept on the model's device in float64 so the hot loop adds without a host sync.
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    history: list[dict] = field(default_factory=list)  # per completed epoch, numbered from 1
+
+    def to(self, device: torch.device) -> TrainProgress:
+        self.loss_sum = self.loss_sum.to(device)
+        return self
+
+    def record_step(self, loss: torch.Tensor, batch_samples: int) -> None:
+        self.loss_sum.add_(loss.detach(), alpha=batch_samples)
+        self.samples += batch_samples
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.item() / max(self.samples, 1)
+
+    def complete_epoch(self, **metrics: float) -> dict:
+        """Close the epoch in flight: record its metrics and start the next one."""
+        entry = {"epoch": self.epoch + 1, "train_loss": self.mean_loss(), **metrics}
+        self.history.append(entry)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.samples = 0
+        self.loss_sum.zero_()
+        return entry
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "metrics": {"loss_sum": self.loss_sum.item(), "samples": self.samples},
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.samples = state["metrics"]["samples"]
+        self.loss_sum.fill_(state["metrics"]["loss_sum"])
+        self.history = [dict(entry) for entry in state["history"]]
+
+
+class RNGState:
+    """Every RNG a step may draw from: torch CPU, each CUDA device in use, numpy, python `random`."""
+
+    VERSION = 1
+
+    @staticmethod
+    def seed_all(seed: int) -> None:
+        torch.manual_seed(seed)  # CUDA devices too
+        np.random.seed(seed)
+        random.seed(seed)
+
+    @staticmethod
+    def state_dict() -> dict:
+        _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        py_version, py_state, py_gauss = random.getstate()
+        return {
+            "version": RNGState.VERSION,
+            "torch": torch.get_rng_state(),
+            # Only when this process uses CUDA: asking would initialise it.
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": {
+                "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                "pos": int(np_pos),
+                "has_gauss": int(np_has_gauss),
+                "cached_gaussian": float(np_cached),
+            },
+            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+        }
+
+    @staticmethod
+    def load_state_dict(state: dict) -> None:
+        if state["version"] != RNGState.VERSION:
+            raise ValueError(f"RNG state version {state['version']}, expected {RNGState.VERSION}")
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        numpy_state = state["numpy"]
+        np.random.set_state(
+            (
+                "MT19937",
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))

@@ -1,0 +1,327 @@
+"""The training loop: resumes from the newest valid checkpoint, trains, and acts on signals
+at step boundaries (never inside a step), deciding when to save.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from daemon import logs
+from daemon.checkpoint import FORMAT_VERSION, BackgroundWriter, CheckpointStore, Entry, SaveResult
+from daemon.config import Config, is_resume_safe
+from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
+from daemon.errors import ExitCode, IncompatibleCheckpoint
+from daemon.model import build_model, build_optimizer, build_scheduler, parameter_count
+from daemon.signals import SignalRecorder, stop_signals_blocked
+from daemon.state import RNGState, TrainProgress
+from daemon.systemd import Notifier
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, signals: SignalRecorder, notifier: Notifier) -> None:
+        self.cfg = cfg
+        self.signals = signals
+        self.notifier = notifier
+        self.log = logs.get()
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            # cuBLAS is bitwise reproducible only with a fixed workspace (set before CUDA starts).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+
+        laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
+        if laid_out:
+            self.log.info("dataset_prepared", root=cfg.data.root, files=laid_out)
+        self.test_set = load_mnist(cfg.data, train=False)
+        train_set = load_mnist(cfg.data, train=True)
+
+        RNGState.seed_all(cfg.train.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
+        self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda")
+        self.progress = TrainProgress().to(self.device)
+        self.fingerprint = cfg.exactness_fingerprint()
+
+        self.store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
+        self.writer = BackgroundWriter(self.store) if cfg.checkpoint.async_save else None
+        self.last_saved_step: int | None = None
+        self.last_saved_at = time.monotonic()
+        self.last_save_ms = 0.0
+        self.log.info(
+            "run_started",
+            device=str(self.device),
+            parameters=parameter_count(self.model),
+            train_samples=len(train_set),
+            test_samples=len(self.test_set),
+            steps_per_epoch=len(self.data.sampler),
+            epochs=cfg.train.epochs,
+            fingerprint=self.fingerprint,
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self, kind: str) -> dict:
+        """Everything a bitwise-exact resume needs, under the keys of the checkpoint format."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            **self.progress.state_dict(),  # epoch, step_in_epoch, global_step, metrics, history
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "data": self.data.sampler.state_dict(),
+            "rng": RNGState.state_dict(),
+            "config": self.cfg.flat(),
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress.load_state_dict(state)
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.data.sampler.load_state_dict(state["data"])
+        RNGState.load_state_dict(state["rng"])
+
+    def _position(self) -> dict:
+        p = self.progress
+        return {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        removed = self.store.remove_temp_files()
+        if removed:
+            self.log.info("temp_files_removed", files=[p.name for p in removed])
+        entry = self.store.newest_valid(on_invalid=self._report_invalid)
+        if entry is None:
+            self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
+            return
+        self._check_compatible(entry)
+        self.load_state_dict(entry.state)
+        self.last_saved_step = self.progress.global_step
+        logged = self.store.last_logged_step()
+        redone = {"steps_redone": logged - self.progress.global_step} if logged is not None else {}
+        self.log.info("resumed", path=str(entry.path), kind=entry.kind, **self._position(), **redone)
+
+    def _report_invalid(self, entry: Entry, aside: Path) -> None:
+        self.log.warning("checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside))
+
+    def _check_compatible(self, entry: Entry) -> None:
+        stored, current = entry.state["config"], self.cfg.flat()
+        changed = {
+            key: (stored.get(key), current.get(key))
+            for key in sorted(stored.keys() | current.keys())
+            if stored.get(key) != current.get(key)
+        }
+        breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
+        if breaking or entry.state["fingerprint"] != self.fingerprint:
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
+            raise IncompatibleCheckpoint(
+                f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
+                f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
+            )
+        if changed:
+            self.log.warning(
+                "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
+            )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> ExitCode:
+        try:
+            return self._run()
+        finally:
+            if self.writer:
+                self.writer.close()
+
+    def _run(self) -> ExitCode:
+        self.resume()
+        epochs = self.cfg.train.epochs
+        if self.progress.epoch >= epochs:
+            self.log.info("training_already_complete", epochs=epochs, **self._position())
+            return ExitCode.COMPLETE
+        self.notifier.ready(self._status_text())
+        # A stop asked for during start-up: nothing was trained since the newest checkpoint.
+        if self.signals.stop_requested:
+            return self._stop()
+
+        self.model.train()
+        sampler = self.data.sampler
+        self._progress_at, self._progress_step = time.monotonic(), self.progress.global_step
+        while self.progress.epoch < epochs:
+            epoch_started = time.monotonic()
+            steps_before = self.progress.step_in_epoch
+            if sampler.epoch != self.progress.epoch:
+                sampler.set_epoch(self.progress.epoch)
+            sampler.start_at(self.progress.step_in_epoch)
+            for images, labels in self._batches():
+                self._train_step(images, labels)
+                outcome = self._after_step()
+                if outcome is not None:
+                    return outcome
+            self._complete_epoch(epoch_started, self.progress.step_in_epoch - steps_before)
+            if self.signals.stop_requested:
+                return self._stop()
+
+        final = self.progress.history[-1]
+        self.log.info("training_completed", **self._position(), test_accuracy=final["test_accuracy"])
+        return ExitCode.COMPLETE
+
+    def _batches(self):
+        if self.data.loader.num_workers:
+            with stop_signals_blocked():
+                return iter(self.data.loader)
+        return iter(self.data.loader)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        loss = F.cross_entropy(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.progress.record_step(loss, len(labels))
+        self.notifier.watchdog()
+
+    def _after_step(self) -> ExitCode | None:
+        """The safe point after each step: act on signals, save when due, report progress."""
+        if self.signals.stop_requested:
+            return self._stop()
+        if self.writer:
+            self._report_saves(self.writer.poll())
+        if self.signals.take_save_request():
+            self._save("on_demand", wait=True)
+        elif self._periodic_save_due():
+            self._save("periodic", wait=False)
+        self._report_progress_if_due()
+        return None
+
+    def _periodic_save_due(self) -> bool:
+        if self.progress.step_in_epoch == len(self.data.sampler):
+            return False  # the epoch checkpoint follows at once
+        every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds
+        return bool(every_steps and self.progress.global_step % every_steps == 0) or bool(
+            every_seconds and time.monotonic() - self.last_saved_at >= every_seconds
+        )
+
+    def _complete_epoch(self, started: float, steps: int) -> None:
+        train_seconds = time.monotonic() - started
+        accuracy = self.evaluate()
+        if self.scheduler:
+            self.scheduler.step()
+        entry = self.progress.complete_epoch(test_accuracy=accuracy)
+        last = self.progress.epoch >= self.cfg.train.epochs
+        self._save("final" if last else "epoch", wait=True)
+        self.log.info(
+            "epoch_completed",
+            **self._position(),  # epoch: epochs completed, this one included
+            train_loss=entry["train_loss"],
+            test_accuracy=accuracy,
+            seconds=round(train_seconds, 3),
+            steps_per_s=round(steps / train_seconds, 1) if train_seconds > 0 else None,
+        )
+        self.notifier.status(self._status_text())
+
+    @torch.inference_mode()
+    def evaluate(self) -> float:
+        """Test accuracy as a fraction. Draws no random numbers, so it cannot disturb exactness."""
+        self.model.eval()
+        images, labels = self.test_set.images, self.test_set.labels
+        correct = 0
+        batch = self.cfg.train.eval_batch_size
+        for start in range(0, len(labels), batch):
+            x = to_float(images[start : start + batch]).to(self.device)
+            y = labels[start : start + batch].to(self.device)
+            correct += (self.model(x).argmax(dim=1) == y).sum().item()
+        self.model.train()
+        return correct / len(labels)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _save(self, kind: str, wait: bool) -> None:
+        """Checkpoint the current step. `wait`: durable on return; else written in the background."""
+        step = self.progress.global_step
+        if step == self.last_saved_step:
+            return  # this exact state is already on disk
+        self.last_saved_step, self.last_saved_at = step, time.monotonic()
+        if self.writer is None or wait:
+            done = self.writer.drain() if self.writer else []
+            done.append(self.store.save(self.state_dict(kind)))
+            self._report_saves(done)
+            return
+        started = time.perf_counter()
+        finished = self.writer.submit(self.state_dict(kind))
+        self._report_saves(finished)
+        self.log.debug("checkpoint_snapshot", kind=kind, stall_ms=round((time.perf_counter() - started) * 1e3, 2))
+
+    def _report_saves(self, results: list[SaveResult]) -> None:
+        for result in results:
+            self.last_save_ms = result.duration_ms
+            self.store.mark_logged_step(max(result.global_step, self.progress.global_step))
+            self.log.info(
+                "checkpoint_saved",
+                kind=result.kind,
+                path=str(result.path),
+                bytes=result.bytes,
+                duration_ms=round(result.duration_ms, 2),
+                checkpoint_global_step=result.global_step,
+                **self._position(),
+            )
+
+    def _stop(self) -> ExitCode:
+        for event in self.signals.unreported_stops():
+            self.log.info(
+                "signal_received",
+                signal=event.name,
+                waited_ms=round((time.monotonic() - event.monotonic) * 1e3, 2),
+                **self._position(),
+            )
+        # Ask systemd for room in its stop timeout, should this save be slow.
+        self.notifier.extend_timeout(10 + 4 * self.last_save_ms / 1e3)
+        self.notifier.stopping(f"saving at step {self.progress.global_step}")
+        if self.progress.global_step == self.last_saved_step:
+            if self.writer:
+                self._report_saves(self.writer.drain())
+            self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())
+        else:
+            self._save("emergency", wait=True)
+        for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
+            self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
+        self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())
+        return ExitCode.STOPPED
+
+    def _report_progress_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._progress_at < self.cfg.log.progress_every_seconds:
+            return
+        rate = (self.progress.global_step - self._progress_step) / (now - self._progress_at)
+        self._progress_at, self._progress_step = now, self.progress.global_step
+        loss = self.progress.mean_loss()
+        self.store.mark_logged_step(self.progress.global_step)
+        self.log.info(
+            "progress",
+            **self._position(),
+            steps_in_epoch=len(self.data.sampler),
+            loss=round(loss, 5),
+            steps_per_s=round(rate, 1),
+        )
+        self.notifier.status(self._status_text(loss))
+
+    def _status_text(self, loss: float | None = None) -> str:
+        p = self.progress
+        text = f"epoch {p.epoch + 1}/{self.cfg.train.epochs} step {p.step_in_epoch}/{len(self.data.sampler)}"
+        return text + (f" loss {loss:.4f}" if loss is not None else "")
