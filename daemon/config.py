@@ -211,11 +211,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    values = {name: _convert(hints[name], raw[name], prefix + name) for name in names if name in raw}
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in raw:
+            raise ConfigError(f"{prefix}{f.name}: required")
+    return cls(**{name: _convert(hints[name], raw[name], prefix + name) for name in names if name in raw})
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
