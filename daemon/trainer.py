@@ -56,7 +56,7 @@ class Trainer:
 
         self.store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
         self.writer = BackgroundWriter(self.store) if cfg.checkpoint.async_save else None
-        self.last_saved_step: int | None = None
+        self.last_saved_step = 0  # step 0 needs no file: the config and seed recreate it
         self.last_saved_at = time.monotonic()
         self.last_save_ms = 0.0
         self.log.info(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,10 @@ def run_config(mnist_root, tmp_path) -> RunConfig:
 @pytest.fixture(scope="session")
 def reference_runs(mnist_root, tmp_path_factory):
     """Uninterrupted runs, one per distinct set of settings, computed once per session."""
-    cache: dict[tuple, dict] = {}
+    cache: dict[str, dict] = {}
 
     def get(**settings) -> dict:
-        key = tuple(sorted(settings.items()))
+        key = json.dumps(settings, sort_keys=True)
         if key not in cache:
             config = RunConfig(workdir=tmp_path_factory.mktemp("reference"), data_root=mnist_root, settings=settings)
             process = TrainerProcess.start(config)

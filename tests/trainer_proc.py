@@ -91,15 +91,20 @@ class TrainerProcess:
             self.lines.append(line)
         return line
 
-    def wait_for(self, event: str, timeout: float = 60, **fields) -> dict:
-        """Block until an event named `event` whose fields match `fields` is logged; return it."""
+    def wait_for(self, event: str, timeout: float = 60, where=lambda record: True, **fields) -> dict:
+        """Block until an event named `event` whose fields match `fields` (and `where`) is logged."""
         deadline = time.monotonic() + timeout
         while True:
             line = self._next_line(deadline)
             if line is None:
                 raise AssertionError(f"process ended before {event} {fields}; output:\n{self.output()}")
             record = _parse(line)
-            if record and record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+            if (
+                record
+                and record.get("event") == event
+                and all(record.get(k) == v for k, v in fields.items())
+                and where(record)
+            ):
                 return record
 
     def signal(self, signum: int) -> None:

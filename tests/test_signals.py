@@ -1,0 +1,149 @@
+"""Real signals to real runs: emergency checkpoints, on-demand saves, the exit contract."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from daemon.checkpoint import read_checkpoint
+from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
+
+STOPPED = 75
+# ~5.6M parameters (a 67 MB checkpoint): a save long enough to signal during it; 15 steps, 1 epoch.
+BIG_MODEL = {"model.hidden": [2000, 2000], "data.train_subset": 1500, "train.epochs": 1}
+
+
+def stop_and_check(process: TrainerProcess, send) -> dict:
+    """Send a stop signal with `send`; the run must save an emergency checkpoint and exit 75."""
+    send()
+    assert process.wait() == STOPPED, process.output()
+    (saved,) = [e for e in process.events("checkpoint_saved") if e["kind"] == "emergency"]
+    assert saved["duration_ms"] > 0
+    assert process.events("stopped")
+    return saved
+
+
+def resume_and_check_exact(run_config, reference_runs, emergency: dict | None, **reference) -> None:
+    rerun = run_to_end(run_config)
+    (resumed,) = rerun.events("resumed")
+    if emergency is not None:
+        assert resumed["kind"] == "emergency"
+        assert resumed["global_step"] == emergency["checkpoint_global_step"]
+        assert (resumed["epoch"], resumed["step_in_epoch"]) == (emergency["epoch"], emergency["step_in_epoch"])
+        assert resumed["steps_redone"] == 0  # nothing trained was lost
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**reference))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_mid_epoch_saves_and_resumes_at_the_next_batch(run_config, reference_runs, workers):
+    run_config.settings = {"checkpoint.every_steps": 10, "data.num_workers": workers}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=50)
+
+    emergency = stop_and_check(process, lambda: process.signal(signal.SIGTERM))
+
+    (received,) = process.events("signal_received")
+    assert received["signal"] == "SIGTERM" and received["global_step"] == emergency["checkpoint_global_step"]
+    assert 0 < emergency["step_in_epoch"] < 40, "mid-epoch, not at the next epoch end"
+    resume_and_check_exact(run_config, reference_runs, emergency)
+
+
+def test_ctrl_c_to_the_process_group_with_workers_behaves_like_sigterm(run_config, reference_runs):
+    run_config.settings = {"checkpoint.every_steps": 10, "data.num_workers": 2}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=20)
+
+    emergency = stop_and_check(process, lambda: process.signal_group(signal.SIGINT))
+
+    assert [e["signal"] for e in process.events("signal_received")] == ["SIGINT"]
+    assert "worker" not in process.output().lower()  # no DataLoader worker died or complained
+    resume_and_check_exact(run_config, reference_runs, emergency)
+
+
+def test_sigusr1_saves_now_and_training_goes_on(run_config, reference_runs):
+    run_config.settings = {"log.progress_every_seconds": 0.01}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("progress", where=lambda e: e["global_step"] > 5)
+    process.signal(signal.SIGUSR1)
+    on_demand = process.wait_for("checkpoint_saved", kind="on_demand")
+
+    assert process.wait() == 0
+    read_checkpoint(run_config.checkpoint_dir / on_demand["path"].split("/")[-1])
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs())
+
+
+def test_sigterm_right_after_an_epoch_end(run_config, reference_runs):
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", kind="epoch", epoch=1)
+    process.signal(signal.SIGTERM)
+
+    assert process.wait() == STOPPED
+    # Either a few steps of epoch 2 were trained (saved as emergency) or none (nothing new to save).
+    saved = [e for e in process.events("checkpoint_saved") if e["kind"] == "emergency"]
+    assert saved or process.events("checkpoint_skipped")
+    resume_and_check_exact(run_config, reference_runs, saved[0] if saved else None)
+
+
+def test_sigterm_during_start_up_exits_75_without_a_checkpoint(run_config):
+    process = TrainerProcess.start(run_config)
+    time.sleep(1.0)  # importing torch
+    process.signal(signal.SIGTERM)
+
+    assert process.wait() == STOPPED, process.output()
+    assert process.events("checkpoint_skipped")
+    assert not list(run_config.checkpoint_dir.glob("ckpt-*"))
+
+
+def test_second_sigterm_during_the_emergency_save_lets_it_finish(run_config, reference_runs):
+    run_config.settings = {**BIG_MODEL, "checkpoint.every_steps": 5}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=5)
+    process.signal(signal.SIGTERM)
+    process.wait_for("signal_received")  # logged just before the emergency save starts
+
+    emergency = stop_and_check(process, lambda: process.signal(signal.SIGTERM))
+
+    assert [e.get("during") for e in process.events("signal_received")] == [None, "emergency_save"]
+    resume_and_check_exact(run_config, reference_runs, emergency, **BIG_MODEL)
+
+
+def test_third_sigterm_exits_at_once_and_the_previous_checkpoint_holds(run_config, reference_runs):
+    run_config.settings = {**BIG_MODEL, "checkpoint.every_steps": 5}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=5)
+    process.signal(signal.SIGTERM)
+    process.wait_for("signal_received")
+    process.signal(signal.SIGTERM)
+    process.signal(signal.SIGTERM)
+
+    assert process.wait() == STOPPED
+    for path in run_config.checkpoint_dir.glob("ckpt-*.pt"):
+        read_checkpoint(path)  # the forced exit broke nothing
+    resume_and_check_exact(run_config, reference_runs, None, **BIG_MODEL)
+
+
+def test_sigterm_during_a_background_save(run_config, reference_runs):
+    run_config.settings = {**BIG_MODEL, "checkpoint.every_steps": 2}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=4)  # the next one is in flight by now
+
+    emergency = stop_and_check(process, lambda: process.signal(signal.SIGTERM))
+
+    assert max(e["checkpoint_global_step"] for e in process.events("checkpoint_saved")) == emergency["global_step"]
+    resume_and_check_exact(run_config, reference_runs, emergency, **BIG_MODEL)
+
+
+def test_sigkill_resume_says_how_many_steps_are_redone(run_config):
+    run_config.settings = {"checkpoint.every_steps": 20, "log.progress_every_seconds": 0.01}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("progress", where=lambda e: e["global_step"] >= 30)
+    process.kill()
+    last_logged = max(e["global_step"] for e in process.events() if "global_step" in e)
+
+    rerun = run_to_end(run_config)
+
+    (resumed,) = rerun.events("resumed")
+    assert resumed["global_step"] == 20
+    assert resumed["steps_redone"] >= last_logged - 20 >= 10
