@@ -98,7 +98,7 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: int = 0  # also save every N steps (0: off); every epoch end always saves
-    every_seconds: float = 300.0  # also save when this long has passed since the last save (0: off)
+    every_seconds: float = 60.0  # also save when this long has passed since the last save (0: off)
     keep_last: int = 3  # valid checkpoints kept; older ones are deleted after each save
     async_save: bool = True  # periodic saves are written by a background thread from an in-memory snapshot
 
