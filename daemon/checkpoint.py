@@ -90,8 +90,16 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`: torch's zip writer reports a failed write as a RuntimeError
+    raised while the OSError from `write` is being handled."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -113,22 +121,24 @@ class CheckpointStore:
         temp = self.directory / f"{TEMP_PREFIX}{path.name}.{os.getpid()}"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created 0600 first: torch.save keeps the mode of a file it truncates.
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-            torch.save(state, temp)
-            _fsync_path(temp)
+            # A Python file object, not a path: torch's own file writer turns ENOSPC into an
+            # anonymous RuntimeError, while through `write` it stays an OSError that says why.
+            with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temp, path)
             _fsync_path(self.directory)
             size = path.stat().st_size
-        except OSError as exc:
+        except BaseException as exc:
             temp.unlink(missing_ok=True)
+            io_error = _os_error_in_chain(exc)
+            if io_error is None:
+                raise
             raise CheckpointWriteError(
-                f"cannot write checkpoint {path}: {exc.strerror or exc}; free space or fix permissions in "
-                f"{self.directory} (the previous checkpoints are intact)"
+                f"cannot write checkpoint {path}: {io_error.strerror or io_error}; free space or fix permissions "
+                f"in {self.directory} (the previous checkpoints are intact)"
             ) from None
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
         self._apply_retention()
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -168,3 +169,22 @@ def test_status_lists_checkpoints_and_the_resume_point(run_config):
     rows = {row["global_step"]: row for row in report["checkpoints"]}
     assert rows[40]["valid"] is False and "checksum mismatch" in rows[40]["reason"]
     assert (rows[30]["epoch"], rows[30]["step_in_epoch"], rows[30]["valid"]) == (0, 30, True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare to mount a small tmpfs")
+@pytest.mark.parametrize("async_save", [True, False])
+def test_full_disk_exits_73_and_keeps_the_checkpoints_already_written(run_config, async_save):
+    """The checkpoint directory is a real 12 MB tmpfs: two MLP checkpoints fit, the third does not."""
+    run_config.settings = {"checkpoint.every_steps": 10, "checkpoint.async_save": async_save}
+    run_config.checkpoint_dir.mkdir()
+    small_disk = (
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f"mount -t tmpfs -o size=12m tmpfs {run_config.checkpoint_dir} && exec \"$@\"", "small-disk",
+    )  # fmt: skip
+    process = TrainerProcess.start(run_config, wrapper=small_disk)
+
+    assert process.wait() == 73, process.output()
+    (failed,) = process.events("checkpoint_write_failed")
+    assert "No space left on device" in failed["message"] and "previous checkpoints are intact" in failed["message"]
+    assert "Traceback" not in process.output()
+    assert [e["checkpoint_global_step"] for e in process.events("checkpoint_saved")] == [10, 20]

@@ -63,10 +63,10 @@ class TrainerProcess:
         self._seen = 0
 
     @classmethod
-    def start(cls, config: RunConfig, *extra: str, command: str = "run") -> TrainerProcess:
+    def start(cls, config: RunConfig, *extra: str, command: str = "run", wrapper: tuple[str, ...] = ()) -> TrainerProcess:
         path = config.write()
         popen = subprocess.Popen(
-            [sys.executable, "-m", "daemon", command, "--config", str(path), *extra],
+            [*wrapper, sys.executable, "-m", "daemon", command, "--config", str(path), *extra],
             cwd=config.workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
