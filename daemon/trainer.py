@@ -38,7 +38,8 @@ class Trainer:
         if self.device.type == "cuda":
             # cuBLAS is bitwise reproducible only with a fixed workspace (set before CUDA starts).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # warn_only: an op without a deterministic kernel is reported rather than fatal.
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
@@ -150,11 +151,14 @@ class Trainer:
 
     def _run(self) -> ExitCode:
         self.resume()
+        # READY even when there is nothing left to do: under Type=notify, a clean exit before
+        # READY=1 would count as a failed start.
+        self.notifier.ready(self._status_text())
         epochs = self.cfg.train.epochs
         if self.progress.epoch >= epochs:
             self.log.info("training_already_complete", epochs=epochs, **self._position())
+            self.notifier.stopping("training already complete")
             return ExitCode.COMPLETE
-        self.notifier.ready(self._status_text())
         # A stop asked for during start-up: nothing was trained since the newest checkpoint.
         if self.signals.stop_requested:
             return self._stop()
@@ -179,6 +183,7 @@ class Trainer:
 
         final = self.progress.history[-1]
         self.log.info("training_completed", **self._position(), test_accuracy=final["test_accuracy"])
+        self.notifier.stopping(f"training complete: test accuracy {final['test_accuracy']:.4f}")
         return ExitCode.COMPLETE
 
     def _batches(self):
