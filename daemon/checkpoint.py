@@ -215,14 +215,28 @@ class CheckpointStore:
         return stale
 
 
-def snapshot(state: Any) -> Any:
-    """A copy of `state` on the CPU that the training loop can no longer change."""
+def snapshot(state: Any, reuse: Any = None) -> Any:
+    """A copy of `state` on the CPU that the training loop can no longer change.
+
+    Each tensor is copied into the tensor at the same place in `reuse` (an earlier snapshot
+    nobody reads any more) when shape, dtype and strides match, else into a new one. Copying
+    into memory already mapped is several times faster than into fresh memory, whose every
+    page faults on first touch: for a 1.2 GB state, ~0.1 s instead of ~0.5-1.5 s here.
+    """
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        source = state.detach()
+        if (
+            isinstance(reuse, torch.Tensor)
+            and (reuse.shape, reuse.dtype, reuse.stride()) == (source.shape, source.dtype, source.stride())
+        ):
+            return reuse.copy_(source)
+        return source.to("cpu", copy=True)
     if isinstance(state, dict):
-        return {key: snapshot(value) for key, value in state.items()}
+        previous = reuse if isinstance(reuse, dict) else {}
+        return {key: snapshot(value, previous.get(key)) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(snapshot(value) for value in state)
+        previous = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else (None,) * len(state)
+        return type(state)(snapshot(value, old) for value, old in zip(state, previous))
     return state
 
 
@@ -231,18 +245,22 @@ class BackgroundWriter:
 
     The loop is blocked only for the snapshot; `submit` first waits for the save in flight,
     so two saves never run at once, and `drain` lets the emergency path wait for it before
-    its own synchronous write (the emergency file is then the newest).
+    its own synchronous write (the emergency file is then the newest). The snapshot of the
+    last save is kept, its memory reused by the next one: between saves the writer holds one
+    snapshot of the state, as it does while a save is in flight.
     """
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._in_flight: concurrent.futures.Future[SaveResult] | None = None
+        self._last_snapshot: dict[str, Any] | None = None  # written out; its tensors are free for reuse
 
     def submit(self, state: dict[str, Any]) -> list[SaveResult]:
         """Start writing a snapshot of `state`; return the saves that finished meanwhile."""
-        finished = self.drain()
-        self._in_flight = self._executor.submit(self.store.save, snapshot(state))
+        finished = self.drain()  # after this, nothing reads the last snapshot: it may be overwritten
+        self._last_snapshot = snapshot(state, reuse=self._last_snapshot)
+        self._in_flight = self._executor.submit(self.store.save, self._last_snapshot)
         return finished
 
     def poll(self) -> list[SaveResult]:
@@ -260,4 +278,5 @@ class BackgroundWriter:
         try:
             return self.drain()
         finally:
+            self._last_snapshot = None
             self._executor.shutdown(wait=True)

@@ -4,18 +4,24 @@ The images are decoded once into a uint8 tensor; a batch becomes float exactly a
 torchvision's `ToTensor` would make each sample (`x.to(float32).div(255)`), without the
 per-sample PIL round trip. Resuming mid-epoch starts the sampler at the next untrained
 batch: the skipped samples are never read.
+
+torchvision lays the files out (its extract_archive, check_integrity, and MNIST's download)
+but is not imported on a start that finds them in place: it pulls in torch._dynamo and sympy,
+~2.5 s and ~170 MB at every start. The IDX files are read directly, into the same tensors
+torchvision's `MNIST` holds (tests/test_data.py checks it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets import MNIST
-from torchvision.datasets.utils import check_integrity, extract_archive
 
 from daemon.config import DataConfig
 from daemon.errors import DatasetUnavailable
@@ -29,16 +35,35 @@ MNIST_MD5 = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 SHIPPED_DIR = Path(__file__).parent / "mnist"
+RAW_SUBDIR = Path("MNIST") / "raw"  # where torchvision.datasets.MNIST(root) looks
+
+
+def _md5_matches(path: Path, md5: str) -> bool:
+    """torchvision's check_integrity, without importing torchvision at every start."""
+    digest = hashlib.md5()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == md5
 
 
 def prepare_mnist(root: Path, download: bool) -> list[str]:
     """Make `<root>/MNIST/raw/` hold the four verified files; return the names laid out now.
 
-    Files already in place and intact are left alone; the others come from the copy shipped
-    with the package, or, where that is absent too and `download` allows, from torchvision.
+    Files already in place and intact are left alone (the usual start: no torchvision import).
+    The others are laid out with torchvision's own utilities: decompressed from the copy shipped
+    with the package, or, where that is absent too and `download` allows, downloaded.
     """
-    raw = root / MNIST.__name__ / "raw"
-    missing = [name for name, md5 in MNIST_MD5.items() if not check_integrity(raw / name, md5)]
+    raw = root / RAW_SUBDIR
+    missing = [name for name, md5 in MNIST_MD5.items() if not _md5_matches(raw / name, md5)]
+    if not missing:
+        return []
+    from torchvision.datasets import MNIST  # slow to import: only when files must be laid out
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
     unshipped = [name for name in missing if not (SHIPPED_DIR / f"{name}.gz").exists()]
     try:
         raw.mkdir(parents=True, exist_ok=True)
@@ -48,7 +73,7 @@ def prepare_mnist(root: Path, download: bool) -> list[str]:
         if unshipped and download:
             for train in (True, False):
                 MNIST(root, train=train, download=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, EOFError) as exc:
         raise DatasetUnavailable(f"cannot lay out MNIST in {raw}: {exc}") from None
     bad = [name for name in missing if not check_integrity(raw / name, MNIST_MD5[name])]
     if bad:
@@ -60,8 +85,22 @@ def prepare_mnist(root: Path, download: bool) -> list[str]:
     return missing
 
 
+def _read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (magic 0x0000080N) as a uint8 tensor of its N dimensions."""
+    with path.open("rb") as file:  # into one mutable buffer: read_bytes() + bytearray() would hold two copies
+        data = bytearray(os.fstat(file.fileno()).st_size)
+        complete = file.readinto(data) == len(data)
+    header = 4 + 4 * ndim
+    if not complete or len(data) < header or data[:4] != bytes((0, 0, 8, ndim)):
+        raise ValueError(f"{path} is not an IDX file of {ndim}-dimensional unsigned bytes")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != header + math.prod(shape):
+        raise ValueError(f"{path} holds {len(data) - header} bytes of data, its header says {shape}")
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(shape)
+
+
 class MnistTensors(Dataset):
-    """Images as one uint8 tensor; `__getitems__` serves a whole batch with one index operation."""
+    """Images as one uint8 tensor; a whole batch is served with one index operation."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images
@@ -75,8 +114,12 @@ class MnistTensors(Dataset):
         return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(indices)
-        return to_float(self.images[index]), self.labels[index]
+        return self.batch(torch.as_tensor(indices))
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index` (int32 or int64): float images (N, 784) and int64 labels."""
+        # index_select: a row copy each, where advanced indexing runs a general gather kernel.
+        return to_float(self.images.index_select(0, index)), self.labels.index_select(0, index)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -85,13 +128,17 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_mnist(cfg: DataConfig, train: bool) -> MnistTensors:
-    root = Path(cfg.root)
+    """The tensors torchvision's MNIST(root, train) holds: images uint8 (N, 28, 28), labels int64."""
+    raw = Path(cfg.root) / RAW_SUBDIR
+    prefix = "train" if train else "t10k"
     try:
-        dataset = MNIST(root, train=train, download=False)
-    except RuntimeError as exc:
-        raise DatasetUnavailable(f"cannot load MNIST from {root}: {exc}") from None
+        images = _read_idx(raw / f"{prefix}-images-idx3-ubyte", ndim=3)
+        labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte", ndim=1).long()
+    except (OSError, ValueError) as exc:
+        raise DatasetUnavailable(f"cannot load MNIST from {cfg.root}: {exc}") from None
+    if len(images) != len(labels):
+        raise DatasetUnavailable(f"cannot load MNIST from {cfg.root}: {len(images)} images but {len(labels)} labels")
     subset = cfg.train_subset if train else cfg.test_subset
-    images, labels = dataset.data, dataset.targets
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
     return MnistTensors(images, labels)
@@ -135,9 +182,14 @@ class EpochBatchSampler(Sampler[list[int]]):
     def start_at(self, batch: int) -> None:
         self.start_batch = batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.index_batches():
+            yield batch.tolist()
+
+    def index_batches(self) -> Iterator[torch.Tensor]:
+        """The batches from the start batch on, as int32 index tensors (views of the order)."""
         for batch in range(self.start_batch, len(self)):
-            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
+            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def state_dict(self) -> dict:
         return {
@@ -163,22 +215,42 @@ def _already_batched(batch):
     return batch
 
 
+class InProcessLoader:
+    """The batches `DataLoader(num_workers=0)` yields, without its per-batch machinery (index
+    lists, fetcher, collate): with no worker to hide it behind, that machinery costs ~3% of
+    an MLP step. Like DataLoader's, each iterator starts at the sampler's start batch."""
+
+    num_workers = 0
+
+    def __init__(self, dataset: MnistTensors, sampler: EpochBatchSampler, pin_memory: bool) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.pin_memory = pin_memory
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in self.sampler.index_batches():
+            images, labels = self.dataset.batch(index)
+            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+
+
 @dataclass
 class TrainData:
-    loader: DataLoader
+    loader: DataLoader | InProcessLoader
     sampler: EpochBatchSampler
 
 
 def build_train_data(dataset: MnistTensors, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool) -> TrainData:
     sampler = EpochBatchSampler(len(dataset), batch_size, cfg.shuffle, seed)
     workers = cfg.num_workers
+    if workers == 0:
+        return TrainData(InProcessLoader(dataset, sampler, pin_memory), sampler)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=_already_batched,
         num_workers=workers,
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+        persistent_workers=True,
+        worker_init_fn=ignore_stop_signals_in_worker,
         pin_memory=pin_memory,
         # Its own generator: creating an iterator draws a base seed, which must not consume
         # the global RNG (dropout's), or a resumed epoch would diverge from an unbroken one.

@@ -1,0 +1,45 @@
+"""The raw cost of saving a state durably: `torch.save` into an open file, then flush and fsync.
+
+The state is a checkpoint the daemon wrote in the same run, loaded back, so it is exactly what
+the daemon saves. This is the daemon's own write minus its extras (temp name, rename, directory
+fsync, retention); torch.save to a path instead of an open file was slower here (its C++ file
+writer), so this is the faster, stricter baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from common import emit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    target = args.checkpoint.with_name(f"raw-save-{os.getpid()}.pt")
+    seconds = []
+    try:
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            with open(target, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            seconds.append(time.perf_counter() - started)
+            size = target.stat().st_size
+            target.unlink()
+    finally:
+        target.unlink(missing_ok=True)
+    emit("raw_save", seconds=seconds, bytes=size)
+
+
+if __name__ == "__main__":
+    main()
