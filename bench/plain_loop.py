@@ -52,7 +52,9 @@ def main() -> None:
         order = torch.randperm(len(train_labels))
         for start in range(0, len(order), BATCH_SIZE):
             index = order[start : start + BATCH_SIZE]
-            train_step(model, optimizer, as_float(train_images.index_select(0, index)), train_labels.index_select(0, index))
+            train_step(
+                model, optimizer, as_float(train_images.index_select(0, index)), train_labels.index_select(0, index)
+            )
             steps += 1
             if steps == 1:
                 emit("first_step")

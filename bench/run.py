@@ -25,6 +25,8 @@ them; figures are medians with min–max, and the targets are judged on medians.
    `checkpoint_snapshot.stall_ms` when asynchronous, the save's `duration_ms` when synchronous.
 5. Memory: peak RSS (wait4's ru_maxrss) of the daemon against the plain loop with the same
    model; a snapshot of the state (the checkpoint's size) is allowed on top.
+6. Durability: a SIGKILL while the background writer is busy (a save every step), then
+   `trainer status`: every checkpoint left must verify.
 
 Writes bench/results/latest.json and prints a table with a PASS/FAIL per target.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -58,6 +61,7 @@ README_END = "<!-- bench:end -->"
 BIG_HIDDEN = [5600, 5600, 5600, 5600]  # 98.5M parameters
 TINY_PROGRESS = {"log.progress_every_seconds": 0.001}  # a `progress` event after every step
 MLP_WARMUP_STEPS = 20  # the first steps are slow (allocations): stop the MLP once past them
+SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
 THROUGHPUT = ("a", "b", "c", "d", "d_sync")
 DAEMON_POLICIES = {
     "c": {},
@@ -84,8 +88,12 @@ class Plan:
     big_plain_steps: int
 
 
-FULL = Plan(reps=5, big_reps=2, big_save_every_s=8, big_async_saves=3, big_sync_saves=2, raw_repeats=3, big_plain_steps=6)
-QUICK = Plan(reps=1, big_reps=1, big_save_every_s=8, big_async_saves=2, big_sync_saves=1, raw_repeats=1, big_plain_steps=3)
+FULL = Plan(
+    reps=5, big_reps=2, big_save_every_s=8, big_async_saves=3, big_sync_saves=2, raw_repeats=3, big_plain_steps=6
+)
+QUICK = Plan(
+    reps=1, big_reps=1, big_save_every_s=5, big_async_saves=2, big_sync_saves=1, raw_repeats=1, big_plain_steps=3
+)
 
 
 class BenchError(Exception):
@@ -125,7 +133,7 @@ class Child:
         for line in self.popen.stdout:
             with self._changed:
                 self.lines.append(line)
-                if line.startswith("{"):
+                if line.startswith("{") and line.rstrip().endswith("}"):  # a JSON event, not `status --json`
                     self.records.append(json.loads(line))
                 self._changed.notify_all()
 
@@ -145,7 +153,9 @@ class Child:
             while True:
                 start = next(i + 1 for i, r in enumerate(self.records) if r is after) if after else 0
                 records = self.records[start:]
-                matches = [r for r in records if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())]
+                matches = [
+                    r for r in records if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+                ]
                 if len(matches) >= nth:
                     return matches[nth - 1]
                 if self.exit_code is not None and not self._reader.is_alive():
@@ -239,7 +249,9 @@ class Bench:
                 for event in child.events("checkpoint_saved"):
                     if event["kind"] == "periodic":
                         self.record("stall.mlp.sync_ms", event["duration_ms"])
-        self.record(f"throughput.{contender}.seconds", event_time(child.wait_for("epoch_completed")) - event_time(started))
+        self.record(
+            f"throughput.{contender}.seconds", event_time(child.wait_for("epoch_completed")) - event_time(started)
+        )
         self.record(f"memory.{contender}.max_rss", child.max_rss_bytes)
 
     def seed_checkpoint(self, rep: int) -> Path:
@@ -282,8 +294,34 @@ class Bench:
             "bytes": saved["bytes"],
         }
 
+    def sigkill_during_background_write(self) -> None:
+        """SIGKILL while the writer is busy (a save every step keeps it so): every checkpoint left
+        must verify, and the temp file shows that a write was really cut short."""
+        run_dir = self.fresh_dir("sigkill")
+        for attempt in range(SIGKILL_ATTEMPTS):
+            child = self.daemon(run_dir, {"checkpoint.every_steps": 1, "checkpoint.keep_last": 2})
+            child.wait_for("checkpoint_saved", checkpoint_global_step=MLP_WARMUP_STEPS * (attempt + 1))
+            time.sleep(self.random.uniform(0, 0.05))
+            child.send(signal.SIGKILL)
+            child.finish(-signal.SIGKILL)
+            cut_short = any(path.name.startswith(".tmp-ckpt-") for path in (run_dir / "checkpoints").iterdir())
+            if cut_short:
+                break
+        status = Child([sys.executable, "-m", "daemon", "status", "--json", f"--config={CONFIG}",
+                        f"--set=checkpoint.dir={run_dir / 'checkpoints'}"], REPO).finish(0)  # fmt: skip
+        report = json.loads("".join(status.lines))
+        self.record("durability.sigkill", {
+            "write_cut_short": cut_short,
+            "checkpoints": len(report["checkpoints"]),
+            "valid": sum(row["valid"] for row in report["checkpoints"]),
+            "resume_from": report["resume_from"],
+        })  # fmt: skip
+        shutil.rmtree(run_dir)
+
     def raw_save(self, model: str, checkpoint: Path, repeats: int) -> None:
-        child = Child([sys.executable, str(BENCH / "raw_save.py"), str(checkpoint), f"--repeats={repeats}"], REPO).finish(0)
+        child = Child(
+            [sys.executable, str(BENCH / "raw_save.py"), str(checkpoint), f"--repeats={repeats}"], REPO
+        ).finish(0)
         for seconds in child.wait_for("raw_save")["seconds"]:
             self.record(f"raw_save.{model}_s", seconds)
 
@@ -321,7 +359,9 @@ class Bench:
         shutil.rmtree(run_dir)
 
     def big_plain(self) -> None:
-        child = self.script("plain_loop.py", f"--hidden={','.join(map(str, BIG_HIDDEN))}", f"--steps={self.plan.big_plain_steps}")
+        child = self.script(
+            "plain_loop.py", f"--hidden={','.join(map(str, BIG_HIDDEN))}", f"--steps={self.plan.big_plain_steps}"
+        )
         child.finish(0)
         self.record("memory.big_plain.max_rss", child.max_rss_bytes)
 
@@ -335,6 +375,9 @@ class Bench:
                 self.throughput(contender, rep)
             log(f"rep {rep + 1}/{self.plan.reps}: restarts")
             self.restarts(rep)
+            if rep == 0:
+                log("SIGKILL during a background write")
+                self.sigkill_during_background_write()
             if rep < self.plan.big_reps:
                 for write in ("async", "sync") if rep % 2 == 0 else ("sync", "async"):
                     log(f"rep {rep + 1}/{self.plan.reps}: 100M model, {write} saves")
@@ -364,7 +407,10 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     figures: dict = {"throughput": {}, "emergency": {}, "restart": {}, "stall": {}, "memory": {}}
     for contender in THROUGHPUT:
         seconds = samples[f"throughput.{contender}.seconds"]
-        figures["throughput"][contender] = {"seconds_per_epoch": spread(seconds), "steps_per_s": spread([600 / s for s in seconds])}
+        figures["throughput"][contender] = {
+            "seconds_per_epoch": spread(seconds),
+            "steps_per_s": spread([600 / s for s in seconds]),
+        }
     ratios = {
         "(c)/(a)": med("throughput.c.seconds") / med("throughput.a.seconds"),
         "(d)/(a)": med("throughput.d.seconds") / med("throughput.a.seconds"),
@@ -402,15 +448,35 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
         ("(c)/(a) s/epoch", ratios["(c)/(a)"], "<=", 1.03),
         ("(d)/(a) s/epoch", ratios["(d)/(a)"], "<=", 1.05),
         ("(b)/(c) s/epoch", ratios["(b)/(c)"], ">=", 2.0),
-        ("MLP SIGTERM → durable, s (step + 1.25 × raw)", emergency["mlp"]["durable_s"]["median"], "<=", emergency["mlp"]["budget_s"]),
-        ("100M SIGTERM → durable, s (step + 1.25 × raw)", emergency["big"]["durable_s"]["median"], "<=", emergency["big"]["budget_s"]),
+        (
+            "MLP SIGTERM → durable, s (step + 1.25 × raw)",
+            emergency["mlp"]["durable_s"]["median"],
+            "<=",
+            emergency["mlp"]["budget_s"],
+        ),
+        (
+            "100M SIGTERM → durable, s (step + 1.25 × raw)",
+            emergency["big"]["durable_s"]["median"],
+            "<=",
+            emergency["big"]["budget_s"],
+        ),
         ("MLP SIGTERM → exit, s", emergency["mlp"]["exit_s"]["median"], "<", 1.0),
-        ("launch → first resumed step, s (1.1 × seed's)", med("restart.daemon_resume"), "<=", 1.1 * med("restart.seed_fresh")),
+        (
+            "launch → first resumed step, s (1.1 × seed's)",
+            med("restart.daemon_resume"),
+            "<=",
+            1.1 * med("restart.seed_fresh"),
+        ),
         ("100M async stall / sync save", med("stall.big.async_ms") / med("stall.big.sync_ms"), "<=", 0.15),
         ("peak RSS, MLP daemon (c), MB", med("memory.c.max_rss") / 1e6, "<=", rss_limit["mlp"]),
         ("peak RSS, MLP daemon (d), MB", med("memory.d.max_rss") / 1e6, "<=", rss_limit["mlp"]),
         ("peak RSS, 100M daemon async, MB", med("memory.big_async.max_rss") / 1e6, "<=", rss_limit["big"]),
     ]
+    sigkill = samples["durability.sigkill"][0]
+    figures["durability"] = sigkill
+    # nan (a FAIL) when no SIGKILL landed inside a write: the check proved nothing
+    invalid = sigkill["checkpoints"] - sigkill["valid"] if sigkill["write_cut_short"] else math.nan
+    targets.append(("invalid checkpoints after SIGKILL inside a background write", invalid, "<=", 0))
     passed = {"<=": lambda v, limit: v <= limit, "<": lambda v, limit: v < limit, ">=": lambda v, limit: v >= limit}
     checks = [
         {"target": name, "value": value, "op": op, "limit": limit, "pass": passed[op](value, limit)}
@@ -431,7 +497,11 @@ def mmm(s: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 def tables(figures: dict, checks: list[dict]) -> list[Table]:
     throughput = [
-        [LABELS[c], mmm(figures["throughput"][c]["seconds_per_epoch"], digits=2), f"{figures['throughput'][c]['steps_per_s']['median']:.0f}"]
+        [
+            LABELS[c],
+            mmm(figures["throughput"][c]["seconds_per_epoch"], digits=2),
+            f"{figures['throughput'][c]['steps_per_s']['median']:.0f}",
+        ]
         for c in THROUGHPUT
     ]
     throughput += [[f"ratio {name}", f"{value:.3f}", ""] for name, value in figures["throughput"]["ratios"].items()]
@@ -441,7 +511,14 @@ def tables(figures: dict, checks: list[dict]) -> list[Table]:
         "big_writer_busy": "100M, during a background save (waits for it)",
     }
     emergency = [
-        [label, mmm(e["durable_s"]), mmm(e["exit_s"]), f"{e['step_s']:.3f}", mmm(e["raw_save_s"]), f"{e['budget_s']:.3f}"]
+        [
+            label,
+            mmm(e["durable_s"]),
+            mmm(e["exit_s"]),
+            f"{e['step_s']:.3f}",
+            mmm(e["raw_save_s"]),
+            f"{e['budget_s']:.3f}",
+        ]
         for name, label in emergency_labels.items()
         for e in [figures["emergency"][name]]
     ]
@@ -465,9 +542,16 @@ def tables(figures: dict, checks: list[dict]) -> list[Table]:
     }  # fmt: skip
     memory = [[label, mmm(figures["memory"][name], 1e-6, 0)] for name, label in memory_labels.items()]
     snapshot = figures["memory"]["snapshot_bytes"]
-    memory.append(["one snapshot (checkpoint size): MLP / 100M", f"{snapshot['mlp'] / 1e6:.1f} / {snapshot['big'] / 1e6:.0f}"])
+    memory.append(
+        ["one snapshot (checkpoint size): MLP / 100M", f"{snapshot['mlp'] / 1e6:.1f} / {snapshot['big'] / 1e6:.0f}"]
+    )
     verdicts = [
-        [check["target"], f"{check['value']:.3f}", f"{check['op']} {check['limit']:.3f}", "PASS" if check["pass"] else "FAIL"]
+        [
+            check["target"],
+            f"{check['value']:.3f}",
+            f"{check['op']} {check['limit']:.3f}",
+            "PASS" if check["pass"] else "FAIL",
+        ]
         for check in checks
     ]
     return [
@@ -503,8 +587,8 @@ def provenance(info: dict) -> str:
     m = info["machine"]
     return (
         f"`{info['command']}`, {info['started']}, {info['wall_s']:.0f} s. Machine: {m['cpu']}, {m['cores']} cores, "
-        f"{m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads); "
-        f"{info['noise']}. Figures: median (min–max) over the runs; ratios of medians."
+        f"{m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads); {info['noise']}. Figures: median (min–max) over the runs; ratios of medians."
     )
 
 
@@ -542,7 +626,9 @@ def main() -> int:
     parser.add_argument("--big-reps", type=int, help="repetitions of the 100M-parameter measurements")
     parser.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="room for ~5 GB of checkpoints")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()), help="room for ~5 GB of checkpoints"
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     plan = Plan(**{**plan.__dict__, **{k: v for k, v in (("reps", args.reps), ("big_reps", args.big_reps)) if v}})

@@ -48,7 +48,9 @@ def main() -> None:
                 emit("first_step")
                 first = False
         test_accuracy = accuracy(model, test_loader)
-        torch.save({"epoch": epoch + 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, args.checkpoint)
+        torch.save(
+            {"epoch": epoch + 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, args.checkpoint
+        )
         emit("epoch_completed", epoch=epoch + 1, test_accuracy=test_accuracy)
 
 
