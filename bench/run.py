@@ -16,7 +16,8 @@ them; figures are medians with min–max, and the targets are judged on medians.
 2. Emergency latency: SIGTERM sent at a random point of a step, to the `checkpoint_saved`
    event of the emergency checkpoint (logged once it is fsynced, renamed and the directory
    fsynced) and to the process exit; for the MLP and for the ~100M-parameter model
-   (model.hidden=[5600]*4), against raw_save.py (torch.save + fsync of that very checkpoint).
+   (model.hidden=[5600]*4), against raw_save.py (torch.save + fsync of that very checkpoint,
+   each 100M save after a pause, as the daemon's come after training: see raw_save.py).
    The target applies with the background writer idle; a stop during a background save
    waits for it (README, "Signals") and is shown apart.
 3. Restart latency: launch to the first completed step (the daemon's first `progress` event,
@@ -60,8 +61,9 @@ README_BEGIN = "<!-- bench:begin: written by bench/run.py --update-readme -->"
 README_END = "<!-- bench:end -->"
 BIG_HIDDEN = [5600, 5600, 5600, 5600]  # 98.5M parameters
 TINY_PROGRESS = {"log.progress_every_seconds": 0.001}  # a `progress` event after every step
-MLP_WARMUP_STEPS = 20  # the first steps are slow (allocations): stop the MLP once past them
+MLP_WARMUP_STEPS = 100  # past the start-up: its first steps and last full garbage collections (~0.1-0.2 s)
 SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
+RAW_PAUSE_S = 5  # before each raw save of the 100M state, as the daemon's come after training (raw_save.py)
 THROUGHPUT = ("a", "b", "c", "d", "d_sync")
 DAEMON_POLICIES = {
     "c": {},
@@ -318,10 +320,15 @@ class Bench:
         })  # fmt: skip
         shutil.rmtree(run_dir)
 
-    def raw_save(self, model: str, checkpoint: Path, repeats: int) -> None:
-        child = Child(
-            [sys.executable, str(BENCH / "raw_save.py"), str(checkpoint), f"--repeats={repeats}"], REPO
-        ).finish(0)
+    def raw_save(self, model: str, checkpoint: Path, repeats: int, pause_s: float = 0.0) -> None:
+        argv = [
+            sys.executable,
+            str(BENCH / "raw_save.py"),
+            str(checkpoint),
+            f"--repeats={repeats}",
+            f"--pause={pause_s}",
+        ]
+        child = Child(argv, REPO).finish(0)
         for seconds in child.wait_for("raw_save")["seconds"]:
             self.record(f"raw_save.{model}_s", seconds)
 
@@ -355,7 +362,7 @@ class Bench:
             for event in child.events("checkpoint_saved"):
                 if event["kind"] == "periodic":
                     self.record("stall.big.sync_ms", event["duration_ms"])
-            self.raw_save("big", newest_checkpoint(run_dir), plan.raw_repeats)
+            self.raw_save("big", newest_checkpoint(run_dir), plan.raw_repeats, pause_s=RAW_PAUSE_S)
         shutil.rmtree(run_dir)
 
     def big_plain(self) -> None:
