@@ -421,25 +421,22 @@ def test_lifecycle_contract(service: Service, follow, reference_runs) -> None:
     )
     print(f"StatusText: {status.group(0)!r}")
 
-    # SIGTERM from outside, `kill PID`: emergency checkpoint, exit 75, restart, exact resume.
-    wait_training(journal, pid, since_step=0, total_steps=total_steps)
-    sd.run("kill", "-TERM", str(pid))
-    new_pid = wait_restarted(service, unit, pid, restarts=1)
-    stopped, kind = assert_emergency_stop(journal, pid)
-    resumed = assert_resumed_at(journal, new_pid, stopped, kind)
-    assert_ready_after_resume(service, unit, journal, new_pid, "resumed")
-    print(f"kill -TERM: stopped and resumed at {position(resumed)}")
-    pid = new_pid
-
-    # SIGTERM through systemd, `systemctl kill -s SIGTERM`: the same.
-    wait_training(journal, pid, since_step=resumed["global_step"], total_steps=total_steps)
-    sd.systemctl("kill", "-s", "SIGTERM", unit)
-    new_pid = wait_restarted(service, unit, pid, restarts=2)
-    stopped, kind = assert_emergency_stop(journal, pid)
-    resumed = assert_resumed_at(journal, new_pid, stopped, kind)
-    assert_ready_after_resume(service, unit, journal, new_pid, "resumed")
-    print(f"systemctl kill -s SIGTERM: stopped and resumed at {position(resumed)}")
-    pid = new_pid
+    # SIGTERM from outside, by `kill PID` and through systemd: emergency checkpoint, exit 75,
+    # restart, exact resume.
+    sigterms = {
+        "kill -TERM": lambda: sd.run("kill", "-TERM", str(pid)),
+        "systemctl kill -s SIGTERM": lambda: sd.systemctl("kill", "-s", "SIGTERM", unit),
+    }
+    since_step = 0
+    for restarts, (how, send_sigterm) in enumerate(sigterms.items(), start=1):
+        wait_training(journal, pid, since_step=since_step, total_steps=total_steps)
+        send_sigterm()
+        new_pid = wait_restarted(service, unit, pid, restarts=restarts)
+        stopped, kind = assert_emergency_stop(journal, pid)
+        resumed = assert_resumed_at(journal, new_pid, stopped, kind)
+        assert_ready_after_resume(service, unit, journal, new_pid, "resumed")
+        print(f"{how}: stopped and resumed at {position(resumed)}")
+        pid, since_step = new_pid, resumed["global_step"]
 
     # SIGKILL (as a crash or the OOM killer): no emergency checkpoint; restart and resume from the
     # newest checkpoint on disk at the moment of the kill. The process is frozen meanwhile, so
