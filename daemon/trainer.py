@@ -115,7 +115,9 @@ class Trainer:
         self.load_state_dict(entry.state)
         self.last_saved_step = self.progress.global_step
         logged = self.store.last_logged_step()
-        redone = {"steps_redone": logged - self.progress.global_step} if logged is not None else {}
+        # At least the steps logged past the checkpoint; none when a background save finished
+        # after the last line the dead run logged.
+        redone = {"steps_redone": max(0, logged - self.progress.global_step)} if logged is not None else {}
         self.log.info("resumed", path=str(entry.path), kind=entry.kind, **self._position(), **redone)
 
     def _report_invalid(self, entry: Entry, aside: Path) -> None:
@@ -267,6 +269,7 @@ class Trainer:
             done = self.writer.drain() if self.writer else []
             done.append(self.store.save(self.state_dict(kind)))
             self._report_saves(done)
+            self.store.prune()  # once the save is reported durable: a stop should not wait for it
             return
         started = time.perf_counter()
         finished = self.writer.submit(self.state_dict(kind))

@@ -112,6 +112,7 @@ def test_retention_keeps_the_newest(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=2)
     for step in range(1, 6):
         store.save(make_state(step))
+        store.prune()
 
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
         "ckpt-0000000004-periodic.pt",
