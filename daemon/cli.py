@@ -10,6 +10,7 @@ import os
 import sys
 
 from daemon import logs
+from daemon.allocator import keep_freed_memory
 from daemon.config import Config
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, signals: SignalRecorder) -> int:
     log = logs.get()
     notifier = Notifier()
+    keep_freed_memory()  # before torch allocates anything
     try:
         from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
 
