@@ -8,7 +8,8 @@ writer), so this is the faster, stricter baseline.
 `--pause` waits before each save, as the daemon's saves come after seconds of training: on a VM
 whose idle memory goes back to the host within seconds (DAMON pageout, free page reporting), the
 page cache a 1.2 GB write fills is slow to touch again, and saves made back to back (reusing the
-pages the previous one freed) took 0.9-1.3 s here against 2.9-3.5 s after 8 s of pause.
+pages the previous one freed) took 0.9-1.3 s here against 2.9-3.5 s after 8 s of pause; for the
+MLP's 5 MB, 6.0-6.4 ms against 6.9-8.5 ms after 1 s.
 """
 
 from __future__ import annotations
