@@ -5,7 +5,7 @@ torchvision's `ToTensor` would make each sample (`x.to(float32).div(255)`), with
 per-sample PIL round trip. Resuming mid-epoch starts the sampler at the next untrained
 batch: the skipped samples are never read.
 
-torchvision lays the files out (its extract_archive, check_integrity, and MNIST's download)
+torchvision lays the files out (its extract_archive, or MNIST's download)
 but is not imported on a start that finds them in place. Importing it pulls in torch._dynamo
 and sympy, which torch.optim imports on first use anyway; what is saved is torchvision's own
 modules and its slower IDX reader: ~0.25 s of a start and ~30 MB of memory here. The IDX files
@@ -40,7 +40,7 @@ RAW_SUBDIR = Path("MNIST") / "raw"  # where torchvision.datasets.MNIST(root) loo
 
 
 def _md5_matches(path: Path, md5: str) -> bool:
-    """torchvision's check_integrity, without importing torchvision at every start."""
+    """What torchvision's check_integrity checks, without importing torchvision at every start."""
     digest = hashlib.md5()
     try:
         with path.open("rb") as file:
@@ -63,7 +63,7 @@ def prepare_mnist(root: Path, download: bool) -> list[str]:
     if not missing:
         return []
     from torchvision.datasets import MNIST  # slow to import: only when files must be laid out
-    from torchvision.datasets.utils import check_integrity, extract_archive
+    from torchvision.datasets.utils import extract_archive
 
     unshipped = [name for name in missing if not (SHIPPED_DIR / f"{name}.gz").exists()]
     try:
@@ -76,7 +76,7 @@ def prepare_mnist(root: Path, download: bool) -> list[str]:
                 MNIST(root, train=train, download=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise DatasetUnavailable(f"cannot lay out MNIST in {raw}: {exc}") from None
-    bad = [name for name in missing if not check_integrity(raw / name, MNIST_MD5[name])]
+    bad = [name for name in missing if not _md5_matches(raw / name, MNIST_MD5[name])]
     if bad:
         hint = "" if download else " (data.download is false)"
         raise DatasetUnavailable(
