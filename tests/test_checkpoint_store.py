@@ -10,7 +10,14 @@ import stat
 import pytest
 import torch
 
-from daemon.checkpoint import FORMAT_VERSION, REQUIRED_KEYS, CheckpointStore, InvalidCheckpoint, read_checkpoint
+from daemon.checkpoint import (
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    BackgroundWriter,
+    CheckpointStore,
+    InvalidCheckpoint,
+    read_checkpoint,
+)
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 
@@ -117,6 +124,18 @@ def test_retention_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
         "ckpt-0000000004-periodic.pt",
         "ckpt-0000000005-periodic.pt",
+    ]
+
+
+def test_background_writer_applies_retention(tmp_path):
+    writer = BackgroundWriter(CheckpointStore(tmp_path, keep_last=2))
+    for step in range(1, 5):
+        writer.submit(make_state(step))
+    writer.close()
+
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
+        "ckpt-0000000003-periodic.pt",
+        "ckpt-0000000004-periodic.pt",
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,18 @@ def test_sigterm_mid_epoch_saves_and_resumes_at_the_next_batch(run_config, refer
     assert received["signal"] == "SIGTERM" and received["global_step"] == emergency["checkpoint_global_step"]
     assert 0 < emergency["step_in_epoch"] < 40, "mid-epoch, not at the next epoch end"
     resume_and_check_exact(run_config, reference_runs, emergency)
+
+
+def test_emergency_stop_applies_retention(run_config):
+    """Old checkpoints are deleted after the emergency save too, once it is reported durable."""
+    run_config.settings = {"checkpoint.every_steps": 5, "checkpoint.keep_last": 2}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=15)
+
+    emergency = stop_and_check(process, lambda: process.signal(signal.SIGTERM))
+
+    left = sorted(p.name for p in run_config.checkpoint_dir.glob("ckpt-*.pt"))
+    assert len(left) == 2 and left[-1] == Path(emergency["path"]).name, left
 
 
 def test_ctrl_c_to_the_process_group_with_workers_behaves_like_sigterm(run_config, reference_runs):
