@@ -8,7 +8,10 @@ about it are settled here rather than left to the environment:
   rounds differently, so a run keeps the count it started with: a resume with `cpu_threads` null
   takes the count from the checkpoint, and an explicit different count is refused.
 * No runtime may change that count on its own: MKL_DYNAMIC and OMP_DYNAMIC off, MKL's and
-  OpenMP's documented conditions for run-to-run reproducible results.
+  OpenMP's documented conditions for run-to-run reproducible results. MKL's matrix products run
+  in strict conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT: the CPU's fastest
+  code path, with results that do not depend on the buffers' memory alignment); for the MLP it
+  gives the same bits as MKL's default.
 * How long a thread spins at a barrier before it sleeps (`train.cpu_wait`). libgomp's default is
   300,000 spins, milliseconds of burnt CPU per wait: on a shared machine the thread being waited
   for is often descheduled, and the team spends its time slices spinning (README, "Threads").
@@ -41,7 +44,10 @@ def available_cpus() -> int:
 def environment(threads: int, wait: str) -> dict[str, str]:
     """The variables the OpenMP and MKL runtimes read when torch loads them."""
     spin = SPIN_COUNTS[wait]
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+    env = {
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
+        "MKL_CBWR": "AUTO,STRICT",
+    }  # fmt: skip
     if spin is not None:
         env["GOMP_SPINCOUNT"] = str(spin)
     return env
