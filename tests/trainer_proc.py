@@ -48,9 +48,11 @@ class TrainerProcess(TrainerChild):
     """The real CLI on a RunConfig's files, in its own session (process group)."""
 
     @classmethod
-    def start(cls, config: RunConfig, *extra: str, command: str = "run", wrapper: tuple[str, ...] = ()) -> TrainerProcess:
+    def start(
+        cls, config: RunConfig, *extra: str, command: str = "run", wrapper: tuple[str, ...] = (), env: dict | None = None
+    ) -> TrainerProcess:
         path = config.write()
-        return cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, wrapper=wrapper)
+        return cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, env=env, wrapper=wrapper)
 
 
 def run_to_end(config: RunConfig) -> TrainerProcess:
