@@ -8,10 +8,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from daemon import logs
 from daemon.allocator import keep_freed_memory
 from daemon.config import Config
+from daemon.crashloop import CrashLoopGuard
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
 from daemon.systemd import Notifier
@@ -62,9 +64,10 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
     notifier = Notifier()
     keep_freed_memory()  # before torch allocates anything
     try:
-        from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
+        with CrashLoopGuard(Path(cfg.checkpoint.dir)):  # before torch: a crash importing it counts
+            from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
 
-        return Trainer(cfg, signals, notifier).run()
+            return Trainer(cfg, signals, notifier).run()
     except TrainerError as exc:
         log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
         return exc.exit_code
@@ -76,8 +79,6 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from pathlib import Path
-
     from daemon.checkpoint import CheckpointStore
 
     entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
