@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from daemon import logs
 from daemon.allocator import keep_freed_memory
@@ -60,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Config, signals: SignalRecorder) -> int:
+    from pathlib import Path
+
     log = logs.get()
     notifier = Notifier()
     keep_freed_memory()  # before torch allocates anything
@@ -79,6 +80,8 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
+    from pathlib import Path
+
     from daemon.checkpoint import CheckpointStore
 
     entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
