@@ -1,4 +1,4 @@
-"""The benchmark of issue 5: the daemon against a plain PyTorch loop and the seed recipe.
+"""The benchmark: the daemon against a plain PyTorch loop and the seed recipe.
 
     .venv/bin/python bench/run.py [--quick] [--reps N] [--big-reps N]
 
@@ -11,9 +11,11 @@ them; figures are medians with min–max, throughput ratios are taken within eac
 
 1. Throughput, MNIST MLP 784-500-10, Adam, batch 100, one epoch per process: seconds from the
    start of training to the end of the epoch (training, test evaluation, and the checkpoint
-   where there is one), for (a) plain_loop.py, the floor; (b) seed_recipe.py; (c) the daemon,
-   default checkpoint policy; (d) the daemon saving every 50 steps (asynchronously, the
-   default), and (d sync) the same with checkpoint.async_save=false.
+   where there is one), for (a) plain_loop.py; (a tuned) the same with glibc's malloc tuned by
+   GLIBC_TUNABLES as the daemon tunes it at start, the fair floor the targets are judged against;
+   (b) seed_recipe.py; (c) the daemon, default checkpoint policy; (c active) the same with
+   train.cpu_wait=active (libgomp's own spin-waiting); (d) the daemon saving every 50 steps
+   (asynchronously, the default), and (d sync) the same with checkpoint.async_save=false.
 2. Emergency latency: SIGTERM sent at a random point of a step, to the `checkpoint_saved`
    event of the emergency checkpoint (logged once it is fsynced, renamed and the directory
    fsynced) and to the process exit; for the MLP and for the ~100M-parameter model
@@ -27,7 +29,9 @@ them; figures are medians with min–max, throughput ratios are taken within eac
    `checkpoint_snapshot.stall_ms` when asynchronous, the save's `duration_ms` when synchronous.
 5. Memory: peak RSS (wait4's ru_maxrss) of the daemon against the plain loop with the same
    model; a snapshot of the state (the checkpoint's size) is allowed on top.
-6. Durability: a SIGKILL while the background writer is busy (a save every step), then
+6. A shared machine: (c), (c active) and (a tuned) each run one epoch on the quiet machine, then
+   one beside cores + 1 busy-loop processes; the share of its quiet throughput each keeps.
+7. Durability: a SIGKILL while the background writer is busy (a save every step), then
    `trainer status`: every checkpoint left must verify.
 
 Writes bench/results/latest.json and prints a table with a PASS/FAIL per target.
@@ -67,14 +71,20 @@ SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
 # Before each raw save, as the daemon's come after training (raw_save.py): back to back, reusing the
 # page cache the previous save freed, they took ~15% (MLP) to ~60% (100M) less time here.
 RAW_PAUSE_S = {"mlp": 1, "big": 5}
-THROUGHPUT = ("a", "b", "c", "d", "d_sync")
+# glibc's malloc set as the daemon sets it at start (daemon/allocator.py), for the fair floor (a tuned).
+TUNED_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"}
+THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync")
+CONTENDED = ("c", "c_active", "a_tuned")  # each quiet, then beside cores + 1 busy loops
 DAEMON_POLICIES = {
     "c": {},
+    "c_active": {"train.cpu_wait": "active"},  # libgomp's own waiting, the daemon's default before train.cpu_wait
     "d": {"checkpoint.every_steps": 50, "log.level": "debug"},  # debug: the `checkpoint_snapshot` stall events
     "d_sync": {"checkpoint.every_steps": 50, "checkpoint.async_save": False},
 }
 LABELS = {
     "a": "(a) plain loop, tensors, no checkpoint",
+    "a_tuned": "(a tuned) the same, malloc tuned as the daemon's (the fair floor)",
+    "c_active": "(c active) daemon, default policy, cpu_wait active",
     "b": "(b) seed recipe",
     "c": "(c) daemon, default policy",
     "d": "(d) daemon, every 50 steps (async)",
@@ -91,14 +101,17 @@ class Plan:
     big_sync_saves: int
     raw_repeats: int
     big_plain_steps: int
+    contended_reps: int  # repetitions of the shared-machine measurements
 
 
 FULL = Plan(
-    reps=9, big_reps=2, big_save_every_s=8, big_async_saves=3, big_sync_saves=2, raw_repeats=3, big_plain_steps=6
-)
+    reps=9, big_reps=2, big_save_every_s=8, big_async_saves=3, big_sync_saves=2, raw_repeats=3, big_plain_steps=6,
+    contended_reps=3,
+)  # fmt: skip
 QUICK = Plan(
-    reps=1, big_reps=1, big_save_every_s=8, big_async_saves=2, big_sync_saves=1, raw_repeats=1, big_plain_steps=3
-)
+    reps=1, big_reps=1, big_save_every_s=8, big_async_saves=2, big_sync_saves=1, raw_repeats=1, big_plain_steps=3,
+    contended_reps=1,
+)  # fmt: skip
 
 
 class BenchError(Exception):
@@ -116,12 +129,12 @@ class Child:
     """A contender process: its stdout kept line by line, reaped with wait4 for its exit time
     and peak RSS."""
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, env: dict | None = None) -> None:
         self.argv = argv
         self.launched = time.time()
         self.popen = subprocess.Popen(
             argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )  # fmt: skip
         self.lines: list[str] = []
         self.records: list[dict] = []
@@ -219,8 +232,8 @@ class Bench:
         overrides = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]
         return Child([sys.executable, "-m", "daemon", "run", f"--config={CONFIG}", *overrides], REPO)
 
-    def script(self, name: str, *args: str) -> Child:
-        return Child([sys.executable, str(BENCH / name), f"--data-root={self.data}", *args], REPO)
+    def script(self, name: str, *args: str, env: dict | None = None) -> Child:
+        return Child([sys.executable, str(BENCH / name), f"--data-root={self.data}", *args], REPO, env)
 
     def fresh_dir(self, name: str) -> Path:
         path = self.work / name
@@ -230,20 +243,28 @@ class Bench:
 
     # -- 1. throughput (and the seed's fresh start, and memory) -----------------------------
 
-    def throughput(self, contender: str, rep: int) -> None:
-        if contender == "a":
-            child = self.script("plain_loop.py").finish(0)
+    def one_epoch(self, contender: str, rep: int) -> tuple[Child, float]:
+        """A plain loop's or the daemon's one-epoch run, finished; and the seconds of its epoch."""
+        if contender in ("a", "a_tuned"):
+            child = self.script("plain_loop.py", env=TUNED_ALLOCATOR if contender == "a_tuned" else None).finish(0)
             started = child.wait_for("train_started")
-        elif contender == "b":
-            self.seed_checkpoint(rep).unlink(missing_ok=True)
-            child = self.script("seed_recipe.py", f"--checkpoint={self.seed_checkpoint(rep)}").finish(0)
-            started = child.wait_for("train_started")
-            self.record("restart.seed_fresh", event_time(child.wait_for("first_step")) - child.launched)
         else:
             run_dir = self.fresh_dir(f"{contender}-{rep}")
             child = self.daemon(run_dir, DAEMON_POLICIES[contender]).finish(0)
             shutil.rmtree(run_dir)
             started = child.wait_for("fresh_start")
+        return child, event_time(child.wait_for("epoch_completed")) - event_time(started)
+
+    def throughput(self, contender: str, rep: int) -> None:
+        if contender == "b":
+            self.seed_checkpoint(rep).unlink(missing_ok=True)
+            child = self.script("seed_recipe.py", f"--checkpoint={self.seed_checkpoint(rep)}").finish(0)
+            started = child.wait_for("train_started")
+            self.record("restart.seed_fresh", event_time(child.wait_for("first_step")) - child.launched)
+            seconds = event_time(child.wait_for("epoch_completed")) - event_time(started)
+        else:
+            child, seconds = self.one_epoch(contender, rep)
+        if contender in DAEMON_POLICIES:
             completed = child.wait_for("epoch_completed")
             self.record(f"throughput.{contender}.train_steps_per_s", completed["steps_per_s"])
             self.record(f"checkpoint.{contender}.bytes", max(e["bytes"] for e in child.events("checkpoint_saved")))
@@ -254,10 +275,22 @@ class Bench:
                 for event in child.events("checkpoint_saved"):
                     if event["kind"] == "periodic":
                         self.record("stall.mlp.sync_ms", event["duration_ms"])
-        self.record(
-            f"throughput.{contender}.seconds", event_time(child.wait_for("epoch_completed")) - event_time(started)
-        )
+        self.record(f"throughput.{contender}.seconds", seconds)
         self.record(f"memory.{contender}.max_rss", child.max_rss_bytes)
+
+    # -- 6. a shared machine -------------------------------------------------------------------
+
+    def contended(self, contender: str, rep: int) -> None:
+        """One epoch on the quiet machine, then one beside cores + 1 busy loops: the share kept."""
+        quiet = self.one_epoch(contender, rep)[1]
+        hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range((os.cpu_count() or 1) + 1)]
+        try:
+            busy = self.one_epoch(contender, rep)[1]
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        self.record(f"contended.{contender}", {"quiet_s": quiet, "busy_s": busy, "share": quiet / busy})
 
     def seed_checkpoint(self, rep: int) -> Path:
         return self.work / f"seed-{rep}.pt"
@@ -388,6 +421,10 @@ class Bench:
             if rep == 0:
                 log("SIGKILL during a background write")
                 self.sigkill_during_background_write()
+            if rep < self.plan.contended_reps:
+                for contender in CONTENDED[shift % len(CONTENDED):] + CONTENDED[:shift % len(CONTENDED)]:
+                    log(f"rep {rep + 1}/{self.plan.reps}: shared machine, {contender}")
+                    self.contended(contender, rep)
             if rep < self.plan.big_reps:
                 for write in ("async", "sync") if rep % 2 == 0 else ("sync", "async"):
                     log(f"rep {rep + 1}/{self.plan.reps}: 100M model, {write} saves")
@@ -428,12 +465,18 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
         return spread([n / d for n, d in over])
 
     ratios = {
+        "(c)/(a tuned)": paired("c", "a_tuned"),
+        "(d)/(a tuned)": paired("d", "a_tuned"),
+        "(d sync)/(a tuned)": paired("d_sync", "a_tuned"),
         "(c)/(a)": paired("c", "a"),
-        "(d)/(a)": paired("d", "a"),
-        "(d sync)/(a)": paired("d_sync", "a"),
+        "(c)/(c active)": paired("c", "c_active"),
         "(b)/(c)": paired("b", "c"),
     }
     figures["throughput"]["ratios"] = ratios
+    figures["contended"] = {
+        contender: {name: spread(field(f"contended.{contender}", name)) for name in ("quiet_s", "busy_s", "share")}
+        for contender in CONTENDED
+    }
 
     steps = {"mlp": 1 / med("throughput.c.train_steps_per_s"), "big": med("big.step_s")}
     for name, model in (("mlp", "mlp"), ("big", "big"), ("big_writer_busy", "big")):
@@ -450,7 +493,7 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
         figures["restart"][name] = spread(samples[f"restart.{name}"])
     for key in ("mlp.async", "mlp.sync", "big.async_first", "big.async", "big.sync"):
         figures["stall"][key] = spread(samples[f"stall.{key}_ms"])
-    for name in ("a", "b", "c", "d", "d_sync", "big_plain", "big_async", "big_sync"):
+    for name in ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "big_plain", "big_async", "big_sync"):
         figures["memory"][name] = spread(samples[f"memory.{name}.max_rss"])
     snapshot = {"mlp": med("checkpoint.d.bytes"), "big": med("checkpoint.big.bytes")}
     figures["memory"]["snapshot_bytes"] = snapshot
@@ -461,9 +504,11 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     }
     emergency = figures["emergency"]
     targets = [
-        ("(c)/(a) s/epoch", ratios["(c)/(a)"]["median"], "<=", 1.03),
-        ("(d)/(a) s/epoch", ratios["(d)/(a)"]["median"], "<=", 1.05),
+        ("(c)/(a tuned) s/epoch", ratios["(c)/(a tuned)"]["median"], "<=", 1.03),
+        ("(d)/(a tuned) s/epoch", ratios["(d)/(a tuned)"]["median"], "<=", 1.05),
         ("(b)/(c) s/epoch", ratios["(b)/(c)"]["median"], ">=", 2.0),
+        ("(c)/(c active) s/epoch, quiet: cpu_wait against libgomp's default", ratios["(c)/(c active)"]["median"], "<=", 1.03),
+        ("(c) beside busy loops: share of its quiet throughput", figures["contended"]["c"]["share"]["median"], ">=", 0.35),
         (
             "MLP SIGTERM → durable, s (step + 1.25 × raw)",
             emergency["mlp"]["durable_s"]["median"],
@@ -552,7 +597,8 @@ def tables(figures: dict, checks: list[dict]) -> list[Table]:
         ["100M, later saves", mmm(stall["big.async"], digits=0), mmm(stall["big.sync"], digits=0)],
     ]
     memory_labels = {
-        "a": "(a) plain loop, MLP", "b": "(b) seed recipe", "c": "(c) daemon, default policy",
+        "a": "(a) plain loop, MLP", "a_tuned": "(a tuned) plain loop, malloc tuned", "b": "(b) seed recipe",
+        "c": "(c) daemon, default policy", "c_active": "(c active) daemon, cpu_wait active",
         "d": "(d) daemon, every 50 steps (async)", "d_sync": "(d sync) daemon, every 50 steps (sync)",
         "big_plain": "plain loop, 100M", "big_async": "daemon 100M, async saves", "big_sync": "daemon 100M, sync saves",
     }  # fmt: skip
@@ -580,6 +626,15 @@ def tables(figures: dict, checks: list[dict]) -> list[Table]:
         ("3. Restart, s from launch to the first completed step", ["process", "s"], restart),
         ("4. Periodic-save stall, ms the loop is blocked per save", ["model", "async", "sync"], stalls),
         ("5. Peak RSS, MB", ["process", "MB"], memory),
+        (
+            f"6. A shared machine: one epoch quiet, then beside {(os.cpu_count() or 1) + 1} busy loops",
+            ["contender", "quiet s/epoch", "busy s/epoch", "share of quiet throughput"],
+            [
+                [LABELS[c], mmm(f["quiet_s"], digits=2), mmm(f["busy_s"], digits=2), mmm(f["share"], digits=2)]
+                for c in CONTENDED
+                for f in [figures["contended"][c]]
+            ],
+        ),
         ("Targets (on medians)", ["target", "value", "limit", ""], verdicts),
     ]
 
@@ -636,7 +691,7 @@ def cpu_ticks() -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="The benchmark of issue 5 (README, 'Benchmark').")
+    parser = argparse.ArgumentParser(description="The benchmark (README, 'Benchmark').")
     parser.add_argument("--quick", action="store_true", help="a smoke check: one repetition, fewer saves")
     parser.add_argument("--reps", type=int, help="repetitions of the MLP measurements")
     parser.add_argument("--big-reps", type=int, help="repetitions of the 100M-parameter measurements")

@@ -28,6 +28,8 @@ from daemon.errors import CheckpointWriteError
 
 FORMAT_VERSION = 1
 KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
+# Written after the epoch at their step was completed, so newer than any other kind at that step.
+EPOCH_END_KINDS = ("epoch", "final")
 REQUIRED_KEYS = frozenset(
     {"format_version", "kind", "state_dict", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
      "metrics", "history", "data", "rng", "config", "fingerprint"}
@@ -146,7 +148,8 @@ class CheckpointStore:
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 
     def _listed(self) -> list[Entry]:
-        """Checkpoint files by name, not yet read, newest first (global step, then write time)."""
+        """Checkpoint files by name, not yet read, newest first: global step, then epoch-end kinds
+        (the same step with its epoch completed), then write time."""
         if not self.directory.is_dir():
             return []
         found = []
@@ -158,9 +161,9 @@ class CheckpointStore:
                 continue
             if match:
                 entry = Entry(path, int(match["step"]), match["kind"], stat.st_size)
-                found.append((entry.global_step, stat.st_mtime_ns, entry))
-        found.sort(key=lambda item: item[:2], reverse=True)
-        return [entry for _, _, entry in found]
+                found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, stat.st_mtime_ns), entry))
+        found.sort(key=lambda item: item[0], reverse=True)
+        return [entry for _, entry in found]
 
     def prune(self) -> None:
         """Delete all but the newest `keep_last` checkpoints."""

@@ -16,6 +16,7 @@ from daemon.crashloop import CrashLoopGuard
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
 from daemon.systemd import Notifier
+from daemon.threads import configure_before_torch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "train, resuming from the newest valid checkpoint"),
         ("status", "list the checkpoints and the one a run would resume from"),
+        ("verify", "run the config twice for a few steps, once interrupted by real signals; compare bitwise"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
@@ -32,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
             help="override a setting (value parsed as YAML); repeatable",
         )  # fmt: skip
     commands.choices["status"].add_argument("--json", action="store_true", help="print JSON")
+    commands.choices["verify"].add_argument("--steps", type=int, default=200, help="the horizon in steps (default: %(default)s)")
+    commands.choices["verify"].add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.log.level, cfg.log.format)
     if args.command == "status":
         return _status(cfg, as_json=args.json)
+    if args.command == "verify":
+        return _verify(args)
     code = _run(cfg, signals)
     # All is saved, closed and flushed: skip the interpreter's final collection over every object
     # torch made (~1 s), which would only delay the exit that a stopping systemd waits for.
@@ -63,6 +69,7 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
     log = logs.get()
     notifier = Notifier()
+    configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
     keep_freed_memory()  # before torch allocates anything
     try:
         with CrashLoopGuard(Path(cfg.checkpoint.dir)):  # before torch: a crash importing it counts
@@ -77,6 +84,21 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
         return ExitCode.FAILURE
     finally:
         signals.restore()
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.verify import verify
+
+    if args.steps < 4:
+        logs.get().error("usage_error", message="--steps must be at least 4: three interruptions and a step between each")
+        return ExitCode.USAGE
+    try:
+        return verify(Path(args.config), args.overrides, args.steps, as_json=args.json)
+    except TrainerError as exc:
+        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        return exc.exit_code
 
 
 def _status(cfg: Config, as_json: bool) -> int:

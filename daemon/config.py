@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from daemon.errors import ConfigError
+from daemon.threads import WAIT_POLICIES
 
 
 @dataclass(kw_only=True)
@@ -82,9 +83,18 @@ class TrainConfig:
     seed: int = 0  # seeds the model init, the data order and every RNG
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     eval_batch_size: int = 1000  # evaluation only; does not change training
+    max_steps: int | None = None  # end the run after this many steps, mid-epoch if need be (null: epochs decide)
+    # torch.use_deterministic_algorithms: an op without a deterministic kernel stops the run (exit 78)
+    # instead of making it silently inexact. false: such ops run, and resume is no longer bitwise.
+    deterministic: bool = True
+    cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (README, "Threads")
+    cpu_wait: str = "bounded"  # how OpenMP threads wait at a barrier: "bounded" spin, "active", "passive"
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
+        _require(self.cpu_wait in WAIT_POLICIES, "train.cpu_wait", f"must be one of {', '.join(WAIT_POLICIES)}")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.seed >= 0, "train.seed", "must be >= 0")
         _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
@@ -167,6 +177,9 @@ RESUME_SAFE_PREFIXES = (
     "data.download",
     "data.num_workers",
     "train.epochs",
+    "train.max_steps",
+    "train.cpu_threads",  # the count a run resolved to is checked on its own (daemon/threads.py)
+    "train.cpu_wait",
     "train.device",
     "train.eval_batch_size",
     "checkpoint.",

@@ -11,15 +11,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from daemon import logs
+from daemon import logs, threads
 from daemon.checkpoint import FORMAT_VERSION, BackgroundWriter, CheckpointStore, Entry, SaveResult
 from daemon.config import Config, is_resume_safe
 from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
-from daemon.errors import ExitCode, IncompatibleCheckpoint
+from daemon.errors import ConfigError, ExitCode, IncompatibleCheckpoint
 from daemon.model import build_model, build_optimizer, build_scheduler, parameter_count
 from daemon.signals import SignalRecorder, stop_signals_blocked
 from daemon.state import RNGState, TrainProgress
 from daemon.systemd import Notifier
+
+
+# How torch words the error an op without a deterministic kernel raises under use_deterministic_algorithms.
+NONDETERMINISTIC_OP = "does not have a deterministic implementation"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,11 +39,12 @@ class Trainer:
         self.notifier = notifier
         self.log = logs.get()
         self.device = resolve_device(cfg.train.device)
-        if self.device.type == "cuda":
+        if cfg.train.deterministic:
             # cuBLAS is bitwise reproducible only with a fixed workspace (set before CUDA starts).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            # warn_only: an op without a deterministic kernel is reported rather than fatal.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises
+            torch.backends.cudnn.benchmark = False  # its choice of algorithm depends on timings
+        self.cpu_threads = torch.get_num_threads()  # as set up before torch was imported
 
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
@@ -57,7 +62,9 @@ class Trainer:
 
         self.store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
         self.writer = BackgroundWriter(self.store) if cfg.checkpoint.async_save else None
-        self.last_saved_step = 0  # step 0 needs no file: the config and seed recreate it
+        # The state on disk, as (epochs completed, global step): completing an epoch changes the
+        # state (scheduler, history) without a step. The start needs no file: config and seed recreate it.
+        self.last_saved = (0, 0)
         self.last_saved_at = time.monotonic()
         self.last_save_ms = 0.0
         self.log.info(
@@ -86,6 +93,7 @@ class Trainer:
             "rng": RNGState.state_dict(),
             "config": self.cfg.flat(),
             "fingerprint": self.fingerprint,
+            "cpu_threads": self.cpu_threads,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -101,6 +109,16 @@ class Trainer:
         p = self.progress
         return {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
 
+    def _state_key(self) -> tuple[int, int]:
+        return self.progress.epoch, self.progress.global_step
+
+    def _step_limit_reached(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return max_steps is not None and self.progress.global_step >= max_steps
+
+    def _finished(self) -> bool:
+        return self.progress.epoch >= self.cfg.train.epochs or self._step_limit_reached()
+
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self) -> None:
@@ -112,8 +130,9 @@ class Trainer:
             self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
             return
         self._check_compatible(entry)
+        self._keep_thread_count(entry)
         self.load_state_dict(entry.state)
-        self.last_saved_step = self.progress.global_step
+        self.last_saved = self._state_key()
         logged = self.store.last_logged_step()
         # At least the steps logged past the checkpoint; none when a background save finished
         # after the last line the dead run logged.
@@ -142,23 +161,62 @@ class Trainer:
                 "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
             )
 
+    def _keep_thread_count(self, entry: Entry) -> None:
+        """A run keeps its intra-op thread count: sums split over another count round differently."""
+        trained_with = entry.state.get("cpu_threads")
+        if trained_with is None or trained_with == self.cpu_threads:
+            return
+        if self.cfg.train.cpu_threads is not None:
+            raise IncompatibleCheckpoint(
+                f"{entry.path} was trained with {trained_with} CPU threads, train.cpu_threads is {self.cpu_threads}: "
+                f"a different count rounds differently. Set train.cpu_threads to {trained_with}, or to null "
+                f"(the count the run started with), or set checkpoint.dir to an empty directory to start afresh."
+            )
+        torch.set_num_threads(trained_with)
+        self.cpu_threads = trained_with
+
+    def _log_determinism(self) -> None:
+        cuda = {}
+        if self.device.type == "cuda":
+            cuda = {
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            }
+        self.log.info(
+            "determinism",
+            deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+            torch_version=torch.__version__,
+            cpu_wait=self.cfg.train.cpu_wait,
+            **threads.in_force(),
+            **cuda,
+        )
+
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> ExitCode:
         try:
             return self._run()
+        except RuntimeError as exc:
+            if NONDETERMINISTIC_OP not in str(exc):
+                raise
+            raise ConfigError(
+                f"{str(exc).splitlines()[0]} With train.deterministic: true every op must have one; set it to "
+                f"false to run anyway, knowing that a resumed run is then no longer bitwise equal to an unbroken one."
+            ) from None
         finally:
             if self.writer:
                 self.writer.close()
 
     def _run(self) -> ExitCode:
         self.resume()
+        self._log_determinism()
         # READY even when there is nothing left to do: under Type=notify, a clean exit before
         # READY=1 would count as a failed start.
         self.notifier.ready(self._status_text())
         epochs = self.cfg.train.epochs
-        if self.progress.epoch >= epochs:
-            self.log.info("training_already_complete", epochs=epochs, **self._position())
+        if self._finished():
+            self.log.info("training_already_complete", epochs=epochs, max_steps=self.cfg.train.max_steps, **self._position())
             self.notifier.stopping("training already complete")
             return ExitCode.COMPLETE
         # A stop asked for during start-up: nothing was trained since the newest checkpoint.
@@ -168,7 +226,7 @@ class Trainer:
         self.model.train()
         sampler = self.data.sampler
         self._progress_at, self._progress_step = time.monotonic(), self.progress.global_step
-        while self.progress.epoch < epochs:
+        while not self._finished():
             epoch_started = time.monotonic()
             steps_before = self.progress.step_in_epoch
             if sampler.epoch != self.progress.epoch:
@@ -179,13 +237,22 @@ class Trainer:
                 outcome = self._after_step()
                 if outcome is not None:
                     return outcome
-            self._complete_epoch(epoch_started, self.progress.step_in_epoch - steps_before)
-            if self.signals.stop_requested:
+                if self._step_limit_reached() and self.progress.step_in_epoch < len(sampler):
+                    break  # train.max_steps, mid-epoch
+            else:
+                self._complete_epoch(epoch_started, self.progress.step_in_epoch - steps_before)
+            # A stop that arrives during the last evaluation or the final save finds nothing left to do.
+            if self.signals.stop_requested and not self._finished():
                 return self._stop()
+        return self._complete()
 
-        final = self.progress.history[-1]
-        self.log.info("training_completed", **self._position(), test_accuracy=final["test_accuracy"])
-        self.notifier.stopping(f"training complete: test accuracy {final['test_accuracy']:.4f}")
+    def _complete(self) -> ExitCode:
+        self._save("final", wait=True)  # mid-epoch at train.max_steps; the epoch end saved it otherwise
+        for event in self.signals.unreported_stops():
+            self.log.info("signal_received", signal=event.name, during="completion", **self._position())
+        accuracy = self.progress.history[-1]["test_accuracy"] if self.progress.history else None
+        self.log.info("training_completed", **self._position(), test_accuracy=accuracy)
+        self.notifier.stopping("training complete" + (f": test accuracy {accuracy:.4f}" if accuracy is not None else ""))
         return ExitCode.COMPLETE
 
     def _batches(self):
@@ -218,8 +285,8 @@ class Trainer:
         return None
 
     def _periodic_save_due(self) -> bool:
-        if self.progress.step_in_epoch == len(self.data.sampler):
-            return False  # the epoch checkpoint follows at once
+        if self.progress.step_in_epoch == len(self.data.sampler) or self._step_limit_reached():
+            return False  # the epoch or final checkpoint follows at once
         every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds
         return bool(every_steps and self.progress.global_step % every_steps == 0) or bool(
             every_seconds and time.monotonic() - self.last_saved_at >= every_seconds
@@ -231,8 +298,7 @@ class Trainer:
         if self.scheduler:
             self.scheduler.step()
         entry = self.progress.complete_epoch(test_accuracy=accuracy)
-        last = self.progress.epoch >= self.cfg.train.epochs
-        self._save("final" if last else "epoch", wait=True)
+        self._save("final" if self._finished() else "epoch", wait=True)
         self.log.info(
             "epoch_completed",
             **self._position(),  # epoch: epochs completed, this one included
@@ -261,10 +327,9 @@ class Trainer:
 
     def _save(self, kind: str, wait: bool) -> None:
         """Checkpoint the current step. `wait`: durable on return; else written in the background."""
-        step = self.progress.global_step
-        if step == self.last_saved_step:
+        if self._state_key() == self.last_saved:
             return  # this exact state is already on disk
-        self.last_saved_step, self.last_saved_at = step, time.monotonic()
+        self.last_saved, self.last_saved_at = self._state_key(), time.monotonic()
         if self.writer is None or wait:
             done = self.writer.drain() if self.writer else []
             done.append(self.store.save(self.state_dict(kind)))
@@ -301,7 +366,7 @@ class Trainer:
         # Ask systemd for room in its stop timeout, should this save be slow.
         self.notifier.extend_timeout(10 + 4 * self.last_save_ms / 1e3)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
-        if self.progress.global_step == self.last_saved_step:
+        if self._state_key() == self.last_saved:
             if self.writer:
                 self._report_saves(self.writer.drain())
             self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())

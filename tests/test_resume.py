@@ -125,7 +125,7 @@ def test_default_run_reaches_the_seed_accuracy(run_config):
     """The seed's MLP on all of MNIST, 5 epochs: at least the seed's 97.5% test accuracy, logged."""
     run_config.settings = {"data.train_subset": None, "data.test_subset": None, "model.dropout": 0.0, "train.epochs": 5}
 
-    run = run_to_end(run_config, timeout=300)
+    run = run_to_end(run_config)
 
     (completed,) = run.events("training_completed")
     assert completed["test_accuracy"] >= 0.975

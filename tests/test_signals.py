@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -160,3 +161,58 @@ def test_sigkill_resume_says_how_many_steps_are_redone(run_config):
     (resumed,) = rerun.events("resumed")
     assert resumed["global_step"] == 20
     assert resumed["steps_redone"] >= last_logged - 20 >= 10
+
+
+ONE_STEP_EPOCHS = {"data.train_subset": 100, "data.test_subset": 100, "optim.scheduler": {"name": "step", "gamma": 0.5}}
+
+
+def test_on_demand_save_on_an_epochs_last_step_still_writes_the_final_checkpoint(run_config, reference_runs):
+    """SIGUSR1 on the only step of the only epoch: the on-demand file holds the state before the
+    epoch ended; completing the epoch changes it (scheduler, history), so a final file must follow."""
+    run_config.settings = {**ONE_STEP_EPOCHS, "train.epochs": 1}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("run_started")  # the first step (and its first optimizer step) is still to come
+    process.signal(signal.SIGUSR1)
+
+    assert process.wait() == 0, process.output()
+    assert [e["kind"] for e in process.events("checkpoint_saved")] == ["on_demand", "final"]
+    status = TrainerProcess.start(run_config, "--json", command="status")
+    assert status.wait() == 0
+    assert json.loads(status.output())["complete"] is True
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**run_config.settings))
+
+
+def test_emergency_checkpoint_on_an_epochs_last_step_resumes_exactly(run_config, reference_runs):
+    """SIGTERM during the last step of an epoch: the emergency file holds the step, not the epoch's end;
+    the resumed run completes that epoch and must save it, or it ends with an older scheduler and history."""
+    run_config.settings = {**ONE_STEP_EPOCHS, "train.epochs": 2}
+    for _attempt in range(5):  # the signal must land during the first step, not before it
+        process = TrainerProcess.start(run_config)
+        process.wait_for("run_started")
+        process.signal(signal.SIGTERM)
+        assert process.wait() == STOPPED, process.output()
+        if process.events("checkpoint_saved"):
+            break
+    (emergency,) = process.events("checkpoint_saved")
+    assert (emergency["kind"], emergency["epoch"], emergency["step_in_epoch"]) == ("emergency", 0, 1)
+
+    rerun = run_to_end(run_config)
+
+    assert [e["kind"] for e in rerun.events("checkpoint_saved")] == ["epoch", "final"]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**run_config.settings))
+
+
+def test_stop_during_the_last_evaluation_completes_the_run(run_config, reference_runs):
+    """A SIGTERM after the last step, while the final evaluation and save run: the final checkpoint is
+    durable, so the run is complete (exit 0), not stopped (75, which would restart it under systemd)."""
+    settings = {**BIG_MODEL, "data.test_subset": 10000}
+    run_config.settings = {**settings, "log.progress_every_seconds": 0.001}  # a progress event every step
+    process = TrainerProcess.start(run_config)
+    process.wait_for("progress", step_in_epoch=15)  # the last step: evaluation and the final save follow
+    process.signal(signal.SIGTERM)
+
+    assert process.wait() == 0, process.output()
+    (received,) = process.events("signal_received")
+    assert received["during"] == "completion"
+    assert process.events("training_completed")
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**settings))

@@ -1,0 +1,76 @@
+"""A run's CPU threading: chosen before torch is imported, recorded in every checkpoint.
+
+torch runs CPU kernels on an OpenMP team (GNU libgomp, which MKL's GEMMs share). Three things
+about it are settled here rather than left to the environment:
+
+* The thread count (`train.cpu_threads`; null: the CPUs this process may run on, after its
+  affinity mask and its cgroup's CPU quota). A float sum split over a different number of threads
+  rounds differently, so a run keeps the count it started with: a resume with `cpu_threads` null
+  takes the count from the checkpoint, and an explicit different count is refused.
+* No runtime may change that count on its own: MKL_DYNAMIC and OMP_DYNAMIC off, MKL's and
+  OpenMP's documented conditions for run-to-run reproducible results. MKL's matrix products run
+  in strict conditional-numerical-reproducibility mode (MKL_CBWR=AUTO,STRICT: the CPU's fastest
+  code path, with results that do not depend on the buffers' memory alignment); for the MLP it
+  gives the same bits as MKL's default.
+* How long a thread spins at a barrier before it sleeps (`train.cpu_wait`). libgomp's default is
+  300,000 spins, milliseconds of burnt CPU per wait: on a shared machine the thread being waited
+  for is often descheduled, and the team spends its time slices spinning (README, "Threads").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+# libgomp's spin count for each `train.cpu_wait`; None: libgomp's own default (300,000).
+# "bounded" is libgomp's throttled count, the one it uses itself when threads outnumber CPUs.
+SPIN_COUNTS = {"bounded": 1000, "passive": 0, "active": None}
+WAIT_POLICIES = tuple(SPIN_COUNTS)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def environment(threads: int, wait: str) -> dict[str, str]:
+    """The variables the OpenMP and MKL runtimes read when torch loads them."""
+    spin = SPIN_COUNTS[wait]
+    env = {
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
+        "MKL_CBWR": "AUTO,STRICT",
+    }  # fmt: skip
+    if spin is not None:
+        env["GOMP_SPINCOUNT"] = str(spin)
+    return env
+
+
+def configure_before_torch(threads: int | None, wait: str) -> int:
+    """Set the runtime variables for this process (and the DataLoader workers it forks); return the
+    thread count. Must run before torch is first imported: libgomp reads them once, when it loads."""
+    count = threads if threads is not None else available_cpus()
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        os.environ.pop(name, None)  # ours, not inherited ones, decide the waiting
+    os.environ.update(environment(count, wait))
+    return count
+
+
+def in_force() -> dict:
+    """What the CPU runtimes really use, for the `determinism` event (torch imported by now)."""
+    import torch
+
+    names = ("OMP_NUM_THREADS", "OMP_DYNAMIC", "MKL_DYNAMIC", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MKL_CBWR")
+    return {
+        "cpu_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "environment": {name: os.environ[name] for name in names if name in os.environ},
+    }
