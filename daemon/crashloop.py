@@ -62,7 +62,7 @@ class CrashLoopGuard:
         last = self._read()
         newest = max((p.name for p in self.directory.glob(CHECKPOINT_GLOB)), default=None)
         progressed = newest is not None and (last.newest_checkpoint is None or newest > last.newest_checkpoint)
-        crashes = (0 if progressed else last.crashes) + last.running
+        crashes = (0 if progressed else last.crashes) + (1 if last.running else 0)
         if crashes >= self.limit:
             self._write(Record(newest_checkpoint=newest))
             since = f"checkpoint {newest}" if newest else "the first start, without any checkpoint"
