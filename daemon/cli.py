@@ -12,6 +12,7 @@ import sys
 from daemon import logs
 from daemon.allocator import keep_freed_memory
 from daemon.config import Config
+from daemon.crashloop import CrashLoopGuard
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
 from daemon.systemd import Notifier
@@ -64,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Config, signals: SignalRecorder) -> int:
+    from pathlib import Path
+
     log = logs.get()
     notifier = Notifier()
     configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
     keep_freed_memory()  # before torch allocates anything
     try:
-        from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
+        with CrashLoopGuard(Path(cfg.checkpoint.dir)):  # before torch: a crash importing it counts
+            from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
 
-        return Trainer(cfg, signals, notifier).run()
+            return Trainer(cfg, signals, notifier).run()
     except TrainerError as exc:
         log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
         return exc.exit_code

@@ -1,8 +1,8 @@
 """Exit codes and the errors that end a run with one.
 
-The codes are chosen for what systemd does with them (see `systemd/trainer@.service`):
+The codes are chosen for what systemd does with them (see `systemd/common.conf`):
 STOPPED is a success that forces a restart unless the stop was asked for (`systemctl stop`),
-while CONFIG, NO_INPUT and CANT_WRITE need a person and must not restart in a loop.
+while CONFIG, NO_INPUT, CANT_WRITE and CRASH_LOOP need a person and must not restart in a loop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1  # unexpected error; the `crashed` event carries the traceback
     USAGE = 2  # bad command line
     NO_INPUT = 66  # EX_NOINPUT: dataset absent and not downloadable
+    CRASH_LOOP = 70  # EX_SOFTWARE: refused to start after crashes in a row without progress
     CANT_WRITE = 73  # EX_CANTCREAT: a checkpoint could not be written (disk full, permissions)
     STOPPED = 75  # EX_TEMPFAIL: stopped by a signal; the newest checkpoint holds the position
     CONFIG = 78  # EX_CONFIG: bad configuration, or a checkpoint that the config cannot resume exactly
@@ -45,3 +46,8 @@ class DatasetUnavailable(TrainerError):
 class CheckpointWriteError(TrainerError):
     exit_code = ExitCode.CANT_WRITE
     event = "checkpoint_write_failed"
+
+
+class CrashLoop(TrainerError):
+    exit_code = ExitCode.CRASH_LOOP
+    event = "crash_loop"

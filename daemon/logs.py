@@ -2,6 +2,10 @@
 
 Every event carries `event`, `timestamp`, `level`, `run_id` and `pid`; the trainer adds
 `epoch`, `step_in_epoch` and `global_step` where they apply.
+
+When stdout is the journal, each line starts with its syslog priority (`<3>` for an error), which
+journald takes off and stores as PRIORITY=, so `journalctl -p err` finds the cause of a failure;
+the stored message, and `journalctl -o cat`, stay the bare JSON object.
 """
 
 from __future__ import annotations
@@ -10,8 +14,42 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import structlog
+
+# level name -> (logging level for filtering, syslog priority for the journal)
+LEVELS = {
+    "critical": (logging.CRITICAL, 2),
+    "error": (logging.ERROR, 3),
+    "warning": (logging.WARNING, 4),
+    "info": (logging.INFO, 6),
+    "debug": (logging.DEBUG, 7),
+}
+
+
+def stream_is_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `stream` is journald's stdout stream: systemd names it in $JOURNAL_STREAM as
+    `<device>:<inode>` (and a child whose stdout was redirected inherits the variable, hence
+    the comparison)."""
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+class _WithPriority:
+    """Wraps the renderer: `<N>` before each line, N the syslog priority of the event's level."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+        # structlog's aliases (`fatal`, `msg`) have no entry: stored as info, journald's default.
+        priority = LEVELS.get(event_dict["level"], LEVELS["info"])[1]
+        return f"<{priority}>{self.renderer(logger, method_name, event_dict)}"
 
 
 def configure(level: str = "info", fmt: str = "auto") -> str:
@@ -23,6 +61,8 @@ def configure(level: str = "info", fmt: str = "auto") -> str:
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    if stream_is_journal(sys.stdout):
+        renderer = _WithPriority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -32,7 +72,7 @@ def configure(level: str = "info", fmt: str = "auto") -> str:
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level][0]),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )

@@ -337,6 +337,7 @@ def verify_unit(path: Path | str) -> list[str]:
     unit outside that universe is reported (Wants=/After= are not), and
     every executable the unit names must exist (`Command ... is not
     executable`).  Nonexistent User=/WorkingDirectory= are not checked.
+    The unit's drop-ins (`<path>.d/*.conf` beside it) are checked with it.
     """
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="verify-unit-") as tmp:
@@ -344,6 +345,9 @@ def verify_unit(path: Path | str) -> list[str]:
         copy = Path(tmp) / path.name
         copy.unlink(missing_ok=True)  # may be a symlink into /lib/systemd/system: never write through it
         shutil.copyfile(path, copy)
+        drop_ins = path.parent / f"{path.name}.d"
+        if drop_ins.is_dir():
+            shutil.copytree(drop_ins, Path(tmp) / drop_ins.name)
         proc = subprocess.run(
             ["systemd-analyze", "verify", "--man=no", "--generators=no", str(copy)],
             env={**INNER_ENV, "SYSTEMD_UNIT_PATH": tmp, "SYSTEMD_LOG_COLOR": "0"},
