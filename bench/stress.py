@@ -45,10 +45,12 @@ def verify_once(index: int, workdir: Path, data_root: Path, steps: int) -> dict:
     )  # fmt: skip
     try:
         report = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        report = {"passed": False, "error": (result.stdout + result.stderr)[-2000:]}
+    except json.JSONDecodeError:  # not a report: an error event, or a crash
+        report = {"error": (result.stdout + result.stderr)[-2000:]}
+    report = {"passed": False, **report}
+    landed = [i["landed"] for i in report.get("interruptions", [])]
     return {"run": index, "num_workers": workers, "exit": result.returncode, "seconds": round(time.monotonic() - started, 1),
-            "load_average": os.getloadavg()[0], **report}  # fmt: skip
+            "load_average": os.getloadavg()[0], "interruptions_landed": f"{sum(landed)}/{len(landed)}", **report}  # fmt: skip
 
 
 def main() -> int:
@@ -73,12 +75,13 @@ def main() -> int:
                 runs.append(run)
                 verdict = "equal" if run["passed"] else f"DIFFERENT: {run.get('first_difference') or run.get('error')}"
                 print(f"run {run['run']:3d}  workers {run['num_workers']}  load {run['load_average']:5.1f}  "
-                      f"{run['seconds']:6.1f} s  {verdict}", flush=True)  # fmt: skip
+                      f"{run['seconds']:6.1f} s  interruptions {run['interruptions_landed']}  {verdict}", flush=True)  # fmt: skip
     finally:
         for hog in hogs:
             hog.kill()
     equal = sum(run["passed"] for run in runs)
-    summary = f"{len(runs)} runs, {equal} bitwise equal"
+    missed = sum(run["interruptions_landed"] != "3/3" for run in runs)
+    summary = f"{len(runs)} runs, {equal} bitwise equal ({missed} with a signal that came after the last step)"
     print(summary)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"), "summary": summary,
