@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from daemon import logs
-from daemon.checkpoint import FORMAT_VERSION, BackgroundWriter, CheckpointStore, Entry, SaveResult
+from daemon.checkpoint import BackgroundWriter, CheckpointStore, Entry, SaveResult
 from daemon.config import Config, is_resume_safe
 from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
 from daemon.errors import ExitCode, IncompatibleCheckpoint
 from daemon.model import build_model, build_optimizer, build_scheduler, parameter_count
+from daemon.schema import FORMAT_VERSION, Builders, CheckpointSchema
 from daemon.signals import SignalRecorder, stop_signals_blocked
 from daemon.state import RNGState, TrainProgress
 from daemon.systemd import Notifier
@@ -107,11 +108,19 @@ class Trainer:
         removed = self.store.remove_temp_files()
         if removed:
             self.log.info("temp_files_removed", files=[p.name for p in removed])
-        entry = self.store.newest_valid(on_invalid=self._report_invalid)
+        schema = self._checkpoint_schema()
+
+        def validate(entry: Entry) -> None:
+            # A config change is the person's to undo (exit 78, the file kept); a file whose content
+            # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
+            self._check_compatible(entry)
+            schema.check(entry.state)
+
+        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
         if entry is None:
             self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
             return
-        self._check_compatible(entry)
+        self._report_config_changes(entry)
         self.load_state_dict(entry.state)
         self.last_saved_step = self.progress.global_step
         logged = self.store.last_logged_step()
@@ -120,16 +129,34 @@ class Trainer:
         redone = {"steps_redone": max(0, logged - self.progress.global_step)} if logged is not None else {}
         self.log.info("resumed", path=str(entry.path), kind=entry.kind, **self._position(), **redone)
 
-    def _report_invalid(self, entry: Entry, aside: Path) -> None:
-        self.log.warning("checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside))
+    def _checkpoint_schema(self) -> CheckpointSchema:
+        """What a checkpoint must hold to be loaded into this run's objects, taken from them."""
+        optim = self.cfg.optim
+        return CheckpointSchema(
+            template=self.state_dict("periodic"),
+            parameters=[p for group in self.optimizer.param_groups for p in group["params"]],
+            builders=Builders(
+                optimizer=lambda module: build_optimizer(optim, module),
+                scheduler=lambda optimizer: build_scheduler(optim.scheduler, optimizer),
+            ),
+            steps_per_epoch=len(self.data.sampler),
+        )
 
-    def _check_compatible(self, entry: Entry) -> None:
+    def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
+        self.log.warning(
+            "checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
+        )
+
+    def _config_changes(self, entry: Entry) -> dict[str, tuple]:
         stored, current = entry.state["config"], self.cfg.flat()
-        changed = {
+        return {
             key: (stored.get(key), current.get(key))
             for key in sorted(stored.keys() | current.keys())
             if stored.get(key) != current.get(key)
         }
+
+    def _check_compatible(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
         breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
         if breaking or entry.state["fingerprint"] != self.fingerprint:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
@@ -137,6 +164,9 @@ class Trainer:
                 f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
                 f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
             )
+
+    def _report_config_changes(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
         if changed:
             self.log.warning(
                 "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
