@@ -15,8 +15,8 @@ from daemon import logs
 from daemon.checkpoint import BackgroundWriter, CheckpointStore, Entry, SaveResult
 from daemon.config import Config, is_resume_safe
 from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
-from daemon.errors import ExitCode, IncompatibleCheckpoint
-from daemon.model import build_model, build_optimizer, build_scheduler, parameter_count
+from daemon.errors import ConfigError, ExitCode, IncompatibleCheckpoint
+from daemon.model import allocate_model, build_optimizer, build_scheduler, parameter_count
 from daemon.schema import FORMAT_VERSION, Builders, CheckpointSchema
 from daemon.signals import SignalRecorder, stop_signals_blocked
 from daemon.state import RNGState, TrainProgress
@@ -26,7 +26,11 @@ from daemon.systemd import Notifier
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"train.device: {name}, but this machine has {count} CUDA device(s); use auto or cpu")
+    return device
 
 
 class Trainer:
@@ -42,16 +46,16 @@ class Trainer:
             # warn_only: an op without a deterministic kernel is reported rather than fatal.
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+        RNGState.seed_all(cfg.train.seed)
+        self.model = allocate_model(cfg.model, self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
+
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
             self.log.info("dataset_prepared", root=cfg.data.root, files=laid_out)
         self.test_set = load_mnist(cfg.data, train=False)
         train_set = load_mnist(cfg.data, train=True)
-
-        RNGState.seed_all(cfg.train.seed)
-        self.model = build_model(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
         self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda")
         self.progress = TrainProgress().to(self.device)
         self.fingerprint = cfg.exactness_fingerprint()
