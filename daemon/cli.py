@@ -66,7 +66,7 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
         return Trainer(cfg, signals, notifier).run()
     except TrainerError as exc:
-        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code), **exc.fields)
         return exc.exit_code
     except Exception:
         log.exception("crashed", exit_code=int(ExitCode.FAILURE))
@@ -79,8 +79,10 @@ def _status(cfg: Config, as_json: bool) -> int:
     from pathlib import Path
 
     from daemon.checkpoint import CheckpointStore
+    from daemon.lock import describe, holder
 
     entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
+    running = holder(Path(cfg.checkpoint.dir))
     resume = next((entry for entry in entries if entry.valid), None)
     rows = [
         {
@@ -97,6 +99,8 @@ def _status(cfg: Config, as_json: bool) -> int:
     ]
     report = {
         "checkpoint_dir": cfg.checkpoint.dir,
+        "run_in_progress": running is not None,
+        "run_pid": running or None,
         "checkpoints": rows,
         "resume_from": str(resume.path) if resume else None,
         "epochs": cfg.train.epochs,
@@ -111,6 +115,8 @@ def _status(cfg: Config, as_json: bool) -> int:
         print(f"  {row['path']}  {row['kind']:<9}  step {row['global_step']:>8}  {row['bytes']:>10} B  {where}")
     if not rows:
         print("  (none)")
+    if running is not None:
+        print(f"a run holds this directory ({describe(running)})")
     if resume:
         state = "complete" if report["complete"] else f"at epoch {resume.state['epoch']}/{cfg.train.epochs}"
         print(f"a run resumes from {resume.path} ({state})")

@@ -2,7 +2,7 @@
 
 The codes are chosen for what systemd does with them (see `systemd/trainer@.service`):
 STOPPED is a success that forces a restart unless the stop was asked for (`systemctl stop`),
-while CONFIG, NO_INPUT and CANT_WRITE need a person and must not restart in a loop.
+while CONFIG, NO_INPUT, CANT_WRITE and IN_USE need a person and must not restart in a loop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1  # unexpected error; the `crashed` event carries the traceback
     USAGE = 2  # bad command line
     NO_INPUT = 66  # EX_NOINPUT: dataset absent and not downloadable
+    IN_USE = 69  # EX_UNAVAILABLE: another run holds the checkpoint directory
     CANT_WRITE = 73  # EX_CANTCREAT: a checkpoint could not be written (disk full, permissions)
     STOPPED = 75  # EX_TEMPFAIL: stopped by a signal; the newest checkpoint holds the position
     CONFIG = 78  # EX_CONFIG: bad configuration, or a checkpoint that the config cannot resume exactly
@@ -25,6 +26,10 @@ class TrainerError(Exception):
 
     exit_code: ExitCode = ExitCode.FAILURE
     event: str = "error"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.fields = fields  # logged with the event, beside the message
 
 
 class ConfigError(TrainerError):
@@ -45,3 +50,8 @@ class DatasetUnavailable(TrainerError):
 class CheckpointWriteError(TrainerError):
     exit_code = ExitCode.CANT_WRITE
     event = "checkpoint_write_failed"
+
+
+class DirectoryInUse(TrainerError):
+    exit_code = ExitCode.IN_USE
+    event = "checkpoint_dir_in_use"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from daemon import logs
+from daemon import lock, logs
 from daemon.checkpoint import BackgroundWriter, CheckpointStore, Entry, SaveResult
 from daemon.config import Config, is_resume_safe
 from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
@@ -50,6 +50,8 @@ class Trainer:
         self.model = allocate_model(cfg.model, self.device)
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
+        # Once the config has proved buildable, before anything touches the directory or the data.
+        self._lock = lock.acquire(Path(cfg.checkpoint.dir))
 
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
