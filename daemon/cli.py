@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from daemon import logs
 from daemon.allocator import keep_freed_memory
@@ -34,11 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Installed before anything slow (importing torch, loading data): a stop asked for during
-    # start-up is then recorded and honoured at the first safe point instead of killing us.
-    signals = SignalRecorder()
-    signals.install()
+def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
+    """`signals`: installed by the entry point (daemon/entry.py) before this module was imported."""
     args = _parser().parse_args(argv)
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
@@ -49,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.log.level, cfg.log.format)
     if args.command == "status":
         return _status(cfg, as_json=args.json)
-    code = _run(cfg, signals)
-    # All is saved, closed and flushed: skip the interpreter's final collection over every object
-    # torch made (~1 s), which would only delay the exit that a stopping systemd waits for.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return _run(cfg, signals)
 
 
 def _run(cfg: Config, signals: SignalRecorder) -> int:
@@ -71,8 +61,6 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
     except Exception:
         log.exception("crashed", exit_code=int(ExitCode.FAILURE))
         return ExitCode.FAILURE
-    finally:
-        signals.restore()
 
 
 def _status(cfg: Config, as_json: bool) -> int:
@@ -124,6 +112,3 @@ def _status(cfg: Config, as_json: bool) -> int:
         print("a run starts afresh")
     return ExitCode.COMPLETE
 
-
-if __name__ == "__main__":
-    sys.exit(main())
