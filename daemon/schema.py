@@ -173,6 +173,8 @@ class CheckpointSchema:
         self._check_scheduler(state["scheduler"], scheduler)
         self._check_data(state["data"], state["epoch"], state["step_in_epoch"])
         self._check_rng(state["rng"])
+        for key in state.keys() - REQUIRED_KEYS:  # keys added to the format since: as this run writes them
+            conform(state[key], self.live[key], key)
 
     def _check_progress(self, state: dict) -> None:
         for key in ("epoch", "step_in_epoch", "global_step", "metrics"):
