@@ -1,5 +1,3 @@
-import sys
+from daemon.entry import main
 
-from daemon.cli import main
-
-sys.exit(main())
+main()

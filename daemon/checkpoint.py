@@ -6,16 +6,17 @@ container records for every record at save time (the pickled structure and each 
 verified in full before loading: a truncated, corrupted, unreadable or foreign file is
 never used. A checkpoint exists only when complete: temp file, fsync, rename, fsync the
 directory. A file found invalid when resuming is renamed `*.invalid` (kept for inspection,
-out of the way of retention and of later runs).
+out of the way of retention and of later runs). What the content must hold is daemon/schema.py's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
-import re
+import stat
 import time
 import zipfile
 from dataclasses import dataclass
@@ -25,22 +26,13 @@ from typing import Any, Callable
 import torch
 
 from daemon.errors import CheckpointWriteError
+from daemon.schema import NAME, InvalidCheckpoint, check_format
 
-FORMAT_VERSION = 1
-KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
 # Written after the epoch at their step was completed, so newer than any other kind at that step.
 EPOCH_END_KINDS = ("epoch", "final")
-REQUIRED_KEYS = frozenset(
-    {"format_version", "kind", "state_dict", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
-     "metrics", "history", "data", "rng", "config", "fingerprint"}
-)  # fmt: skip
-NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
 TEMP_PREFIX = ".tmp-"
 LOGGED_STEP_FILE = "last-logged-step.json"
-
-
-class InvalidCheckpoint(Exception):
-    """The file is not a usable checkpoint; the message says why."""
+NOT_A_FILE = "not a regular file; left in place"
 
 
 @dataclass(frozen=True)
@@ -83,12 +75,7 @@ def read_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, a file that does not load is not a checkpoint
         raise InvalidCheckpoint(f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
-        raise InvalidCheckpoint("not a trainer checkpoint (keys missing)")
-    if state["format_version"] != FORMAT_VERSION:
-        raise InvalidCheckpoint(f"format version {state['format_version']!r}, this trainer reads {FORMAT_VERSION}")
-    if state["kind"] not in KINDS:
-        raise InvalidCheckpoint(f"unknown kind {state['kind']!r}")
+    check_format(state, path)
     return state
 
 
@@ -137,61 +124,84 @@ class CheckpointStore:
             _fsync_path(self.directory)
             size = path.stat().st_size
         except BaseException as exc:
-            temp.unlink(missing_ok=True)
+            # The error to report is this one: on a read-only or vanished directory the clean-up fails too.
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
             io_error = _os_error_in_chain(exc)
             if io_error is None:
                 raise
-            raise CheckpointWriteError(
-                f"cannot write checkpoint {path}: {io_error.strerror or io_error}; free space or fix permissions "
-                f"in {self.directory} (the previous checkpoints are intact)"
-            ) from None
+            raise self._write_error(f"cannot write checkpoint {path}", io_error, " (the previous checkpoints are intact)") from None
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 
     def _listed(self) -> list[Entry]:
-        """Checkpoint files by name, not yet read, newest first: global step, then epoch-end kinds
-        (the same step with its epoch completed), then write time."""
+        """Everything named like a checkpoint, not yet read, newest first: global step, then epoch-end
+        kinds (the same step with its epoch completed), then write time. What is not a regular file
+        (a directory, a device) comes with its reason already."""
         if not self.directory.is_dir():
             return []
         found = []
         for path in self.directory.iterdir():
             match = NAME.match(path.name)
+            if not match:
+                continue
             try:
-                stat = path.stat()
+                status = path.stat()
             except FileNotFoundError:  # removed by a running trainer's retention meanwhile
                 continue
-            if match:
-                entry = Entry(path, int(match["step"]), match["kind"], stat.st_size)
-                found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, stat.st_mtime_ns), entry))
+            reason = None if stat.S_ISREG(status.st_mode) else NOT_A_FILE
+            entry = Entry(path, int(match["step"]), match["kind"], status.st_size, reason=reason)
+            found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, status.st_mtime_ns), entry))
         found.sort(key=lambda item: item[0], reverse=True)
         return [entry for _, entry in found]
 
     def prune(self) -> None:
-        """Delete all but the newest `keep_last` checkpoints."""
-        for entry in self._listed()[self.keep_last :]:
-            entry.path.unlink(missing_ok=True)
+        """Delete all but the newest `keep_last` checkpoint files. Raises CheckpointWriteError."""
+        for entry in [entry for entry in self._listed() if entry.reason is None][self.keep_last :]:
+            try:
+                entry.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise self._write_error(f"cannot delete old checkpoint {entry.path}", exc) from None
 
     def scan(self) -> list[Entry]:
         """Every checkpoint file, newest first, each verified in full (for `trainer status`)."""
         return [self._read(entry) for entry in self._listed()]
 
     @staticmethod
-    def _read(entry: Entry) -> Entry:
+    def _read(entry: Entry, validate: Callable[[Entry], None] = lambda entry: None) -> Entry:
+        if entry.reason is not None:
+            return entry
         try:
-            return dataclasses.replace(entry, state=read_checkpoint(entry.path))
+            entry = dataclasses.replace(entry, state=read_checkpoint(entry.path))
+            validate(entry)
+            return entry
         except InvalidCheckpoint as exc:
-            return dataclasses.replace(entry, reason=str(exc))
+            return dataclasses.replace(entry, state=None, reason=str(exc))
 
-    def newest_valid(self, on_invalid: Callable[[Entry, Path], None]) -> Entry | None:
-        """The newest checkpoint that verifies; each invalid one met on the way is set aside
-        as `<name>.invalid` and reported through `on_invalid(entry, new_path)`."""
+    def newest_valid(
+        self, on_invalid: Callable[[Entry, Path | None], None], validate: Callable[[Entry], None] = lambda entry: None
+    ) -> Entry | None:
+        """The newest checkpoint that verifies and passes `validate` (which raises InvalidCheckpoint,
+        and may raise other errors, which end the search). Each invalid file met on the way is set
+        aside as `<name>.invalid` and reported through `on_invalid(entry, new_path)`; what is not a
+        regular file is reported with `new_path` None and left in place. Raises CheckpointWriteError
+        when a file cannot be set aside."""
         for listed in self._listed():
-            entry, path = self._read(listed), listed.path
+            entry = self._read(listed, validate)
             if entry.valid:
                 return entry
-            aside = path.with_name(path.name + ".invalid")
-            os.replace(path, aside)
+            if entry.reason == NOT_A_FILE:
+                on_invalid(entry, None)
+                continue
+            aside = entry.path.with_name(entry.path.name + ".invalid")
+            try:
+                os.replace(entry.path, aside)
+            except OSError as exc:
+                raise self._write_error(f"cannot set aside invalid checkpoint {entry.path} ({entry.reason})", exc) from None
             on_invalid(entry, aside)
         return None
+
+    def _write_error(self, what: str, exc: OSError, note: str = "") -> CheckpointWriteError:
+        return CheckpointWriteError(f"{what}: {exc.strerror or exc}; free space or fix permissions in {self.directory}{note}")
 
     def mark_logged_step(self, global_step: int) -> None:
         """Remember the step a `progress` event last reported, so that a run killed without warning
@@ -203,7 +213,8 @@ class CheckpointStore:
             temp.write_text(json.dumps({"global_step": global_step}))
             os.replace(temp, self.directory / LOGGED_STEP_FILE)
         except OSError:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only directory refuses the clean-up too
+                temp.unlink(missing_ok=True)
 
     def last_logged_step(self) -> int | None:
         try:
@@ -216,9 +227,12 @@ class CheckpointStore:
         """Temporary files left by a process killed mid-write; they were never checkpoints."""
         if not self.directory.is_dir():
             return []
-        stale = [p for p in self.directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
+        stale = [p for p in self.directory.iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_file()]
         for path in stale:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise self._write_error(f"cannot remove temporary file {path}", exc) from None
         return stale
 
 

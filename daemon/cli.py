@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from daemon import logs
 from daemon.allocator import keep_freed_memory
@@ -39,11 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Installed before anything slow (importing torch, loading data): a stop asked for during
-    # start-up is then recorded and honoured at the first safe point instead of killing us.
-    signals = SignalRecorder()
-    signals.install()
+def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
+    """`signals`: installed by the entry point (daemon/entry.py) before this module was imported."""
     args = _parser().parse_args(argv)
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
@@ -56,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg, as_json=args.json)
     if args.command == "verify":
         return _verify(args)
-    code = _run(cfg, signals)
-    # All is saved, closed and flushed: skip the interpreter's final collection over every object
-    # torch made (~1 s), which would only delay the exit that a stopping systemd waits for.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return _run(cfg, signals)
 
 
 def _run(cfg: Config, signals: SignalRecorder) -> int:
@@ -77,13 +67,11 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
             return Trainer(cfg, signals, notifier).run()
     except TrainerError as exc:
-        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code), **exc.fields)
         return exc.exit_code
     except Exception:
         log.exception("crashed", exit_code=int(ExitCode.FAILURE))
         return ExitCode.FAILURE
-    finally:
-        signals.restore()
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -105,8 +93,10 @@ def _status(cfg: Config, as_json: bool) -> int:
     from pathlib import Path
 
     from daemon.checkpoint import CheckpointStore
+    from daemon.lock import describe, holder
 
     entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
+    running = holder(Path(cfg.checkpoint.dir))
     resume = next((entry for entry in entries if entry.valid), None)
     rows = [
         {
@@ -123,6 +113,8 @@ def _status(cfg: Config, as_json: bool) -> int:
     ]
     report = {
         "checkpoint_dir": cfg.checkpoint.dir,
+        "run_in_progress": running is not None,
+        "run_pid": running or None,
         "checkpoints": rows,
         "resume_from": str(resume.path) if resume else None,
         "epochs": cfg.train.epochs,
@@ -137,6 +129,8 @@ def _status(cfg: Config, as_json: bool) -> int:
         print(f"  {row['path']}  {row['kind']:<9}  step {row['global_step']:>8}  {row['bytes']:>10} B  {where}")
     if not rows:
         print("  (none)")
+    if running is not None:
+        print(f"a run holds this directory ({describe(running)})")
     if resume:
         state = "complete" if report["complete"] else f"at epoch {resume.state['epoch']}/{cfg.train.epochs}"
         print(f"a run resumes from {resume.path} ({state})")
@@ -144,6 +138,3 @@ def _status(cfg: Config, as_json: bool) -> int:
         print("a run starts afresh")
     return ExitCode.COMPLETE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

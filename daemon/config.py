@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 
 from daemon.errors import ConfigError
 from daemon.threads import WAIT_POLICIES
+
+SEED_MAX = 2**32 - 1  # numpy's global RNG takes 32-bit seeds
 
 
 @dataclass(kw_only=True)
@@ -80,7 +83,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 100
-    seed: int = 0  # seeds the model init, the data order and every RNG
+    seed: int = 0  # seeds the model init, the data order and every RNG; numpy takes 32 bits
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     eval_batch_size: int = 1000  # evaluation only; does not change training
     max_steps: int | None = None  # end the run after this many steps, mid-epoch if need be (null: epochs decide)
@@ -96,7 +99,7 @@ class TrainConfig:
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
         _require(self.cpu_wait in WAIT_POLICIES, "train.cpu_wait", f"must be one of {', '.join(WAIT_POLICIES)}")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _require(self.seed >= 0, "train.seed", "must be >= 0")
+        _require(0 <= self.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}]")
         _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
         valid_device = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
@@ -116,6 +119,8 @@ class CheckpointConfig:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
         _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        # Found now, not at the first save after an epoch of training.
+        _require(Path(self.dir).is_dir() or not Path(self.dir).exists(), "checkpoint.dir", f"{self.dir} exists and is not a directory")
 
 
 @dataclass(kw_only=True)
@@ -144,9 +149,11 @@ class Config:
         """Read `path`, apply `section.key=value` overrides (values parsed as YAML), validate."""
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if raw is None:
@@ -191,6 +198,28 @@ def is_resume_safe(key: str) -> bool:
     return key.startswith(RESUME_SAFE_PREFIXES)
 
 
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, refusing a key given twice in one mapping: YAML parsers silently keep the
+    last, so the first setting a person reads would not be the one used."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if first != line:
+                raise DuplicateKey(f"key {key!r} appears twice in one mapping, at lines {first} and {line}")
+        return super().construct_mapping(node, deep)
+
+
 def _require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {problem}")
@@ -202,7 +231,7 @@ def _apply_override(raw: dict, override: str, path: Path) -> None:
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"{path}: --set {override!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError:
         raise ConfigError(f"{path}: --set {override!r}: the value is not valid YAML") from None
     node = raw
@@ -221,6 +250,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: must be a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{key!r}: not a setting name (keys are names, not {type(key).__name__}s)")
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
@@ -249,8 +281,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be a list, got {value!r}")
         return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     # bool is an int in Python; a YAML `true` where a number is meant is a mistake.
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: must be {hint.__name__}, got {value!r}")
     return value

@@ -2,7 +2,7 @@
 
 The codes are chosen for what systemd does with them (see `systemd/common.conf`):
 STOPPED is a success that forces a restart unless the stop was asked for (`systemctl stop`),
-while CONFIG, NO_INPUT, CANT_WRITE and CRASH_LOOP need a person and must not restart in a loop.
+while CONFIG, NO_INPUT, IN_USE, CRASH_LOOP and CANT_WRITE need a person and must not restart in a loop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1  # unexpected error; the `crashed` event carries the traceback
     USAGE = 2  # bad command line
     NO_INPUT = 66  # EX_NOINPUT: dataset absent and not downloadable
+    IN_USE = 69  # EX_UNAVAILABLE: another run holds the checkpoint directory
     CRASH_LOOP = 70  # EX_SOFTWARE: refused to start after crashes in a row without progress
     CANT_WRITE = 73  # EX_CANTCREAT: a checkpoint could not be written (disk full, permissions)
     STOPPED = 75  # EX_TEMPFAIL: stopped by a signal; the newest checkpoint holds the position
@@ -26,6 +27,10 @@ class TrainerError(Exception):
 
     exit_code: ExitCode = ExitCode.FAILURE
     event: str = "error"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.fields = fields  # logged with the event, beside the message
 
 
 class ConfigError(TrainerError):
@@ -46,6 +51,11 @@ class DatasetUnavailable(TrainerError):
 class CheckpointWriteError(TrainerError):
     exit_code = ExitCode.CANT_WRITE
     event = "checkpoint_write_failed"
+
+
+class DirectoryInUse(TrainerError):
+    exit_code = ExitCode.IN_USE
+    event = "checkpoint_dir_in_use"
 
 
 class CrashLoop(TrainerError):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from daemon.config import ModelConfig, OptimConfig, SchedulerConfig
+from daemon.errors import ConfigError
 
 INPUT_FEATURES = 28 * 28
 CLASSES = 10
@@ -21,6 +22,19 @@ def build_model(cfg: ModelConfig) -> nn.Sequential:
         width = hidden
     layers.append(nn.Linear(width, CLASSES))
     return nn.Sequential(*layers)
+
+
+def allocate_model(cfg: ModelConfig, device: torch.device) -> nn.Sequential:
+    """`build_model` on `device`; a model that does not fit there is a configuration error."""
+    with torch.device("meta"):  # its size, allocating nothing (and drawing no random numbers)
+        size = sum(p.numel() * p.element_size() for p in build_model(cfg).parameters())
+    try:
+        return build_model(cfg).to(device)
+    except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as a RuntimeError
+        raise ConfigError(
+            f"model.hidden: {cfg.hidden} makes a model of {size / 2**30:,.1f} GiB of parameters, which cannot be "
+            f"allocated on {device} ({str(exc).splitlines()[0]}); choose smaller layers"
+        ) from None
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:

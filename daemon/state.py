@@ -99,7 +99,7 @@ class RNGState:
         if state["version"] != RNGState.VERSION:
             raise ValueError(f"RNG state version {state['version']}, expected {RNGState.VERSION}")
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
+        if state["cuda"] and torch.cuda.is_initialized():  # as in state_dict(): only when this process uses CUDA
             torch.cuda.set_rng_state_all(state["cuda"])
         numpy_state = state["numpy"]
         np.random.set_state(

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from daemon import logs, threads
-from daemon.checkpoint import FORMAT_VERSION, BackgroundWriter, CheckpointStore, Entry, SaveResult
+from daemon import lock, logs, threads
+from daemon.checkpoint import BackgroundWriter, CheckpointStore, Entry, SaveResult
 from daemon.config import Config, is_resume_safe
 from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
 from daemon.errors import ConfigError, ExitCode, IncompatibleCheckpoint
-from daemon.model import build_model, build_optimizer, build_scheduler, parameter_count
+from daemon.model import allocate_model, build_optimizer, build_scheduler, parameter_count
+from daemon.schema import FORMAT_VERSION, Builders, CheckpointSchema
 from daemon.signals import SignalRecorder, stop_signals_blocked
 from daemon.state import RNGState, TrainProgress
 from daemon.systemd import Notifier
@@ -29,7 +30,11 @@ NONDETERMINISTIC_OP = "does not have a deterministic implementation"
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"train.device: {name}, but this machine has {count} CUDA device(s); use auto or cpu")
+    return device
 
 
 class Trainer:
@@ -46,16 +51,18 @@ class Trainer:
             torch.backends.cudnn.benchmark = False  # its choice of algorithm depends on timings
         self.cpu_threads = torch.get_num_threads()  # as set up before torch was imported
 
+        RNGState.seed_all(cfg.train.seed)
+        self.model = allocate_model(cfg.model, self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
+        # Once the config has proved buildable, before anything touches the directory or the data.
+        self._lock = lock.acquire(Path(cfg.checkpoint.dir))
+
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
             self.log.info("dataset_prepared", root=cfg.data.root, files=laid_out)
         self.test_set = load_mnist(cfg.data, train=False)
         train_set = load_mnist(cfg.data, train=True)
-
-        RNGState.seed_all(cfg.train.seed)
-        self.model = build_model(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
         self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda")
         self.progress = TrainProgress().to(self.device)
         self.fingerprint = cfg.exactness_fingerprint()
@@ -125,11 +132,19 @@ class Trainer:
         removed = self.store.remove_temp_files()
         if removed:
             self.log.info("temp_files_removed", files=[p.name for p in removed])
-        entry = self.store.newest_valid(on_invalid=self._report_invalid)
+        schema = self._checkpoint_schema()
+
+        def validate(entry: Entry) -> None:
+            # A config change is the person's to undo (exit 78, the file kept); a file whose content
+            # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
+            self._check_compatible(entry)
+            schema.check(entry.state)
+
+        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
         if entry is None:
             self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
             return
-        self._check_compatible(entry)
+        self._report_config_changes(entry)
         self._keep_thread_count(entry)
         self.load_state_dict(entry.state)
         self.last_saved = self._state_key()
@@ -139,16 +154,34 @@ class Trainer:
         redone = {"steps_redone": max(0, logged - self.progress.global_step)} if logged is not None else {}
         self.log.info("resumed", path=str(entry.path), kind=entry.kind, **self._position(), **redone)
 
-    def _report_invalid(self, entry: Entry, aside: Path) -> None:
-        self.log.warning("checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside))
+    def _checkpoint_schema(self) -> CheckpointSchema:
+        """What a checkpoint must hold to be loaded into this run's objects, taken from them."""
+        optim = self.cfg.optim
+        return CheckpointSchema(
+            template=self.state_dict("periodic"),
+            parameters=[p for group in self.optimizer.param_groups for p in group["params"]],
+            builders=Builders(
+                optimizer=lambda module: build_optimizer(optim, module),
+                scheduler=lambda optimizer: build_scheduler(optim.scheduler, optimizer),
+            ),
+            steps_per_epoch=len(self.data.sampler),
+        )
 
-    def _check_compatible(self, entry: Entry) -> None:
+    def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
+        self.log.warning(
+            "checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
+        )
+
+    def _config_changes(self, entry: Entry) -> dict[str, tuple]:
         stored, current = entry.state["config"], self.cfg.flat()
-        changed = {
+        return {
             key: (stored.get(key), current.get(key))
             for key in sorted(stored.keys() | current.keys())
             if stored.get(key) != current.get(key)
         }
+
+    def _check_compatible(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
         breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
         if breaking or entry.state["fingerprint"] != self.fingerprint:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
@@ -156,6 +189,9 @@ class Trainer:
                 f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
                 f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
             )
+
+    def _report_config_changes(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
         if changed:
             self.log.warning(
                 "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}

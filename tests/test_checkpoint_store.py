@@ -10,14 +10,8 @@ import stat
 import pytest
 import torch
 
-from daemon.checkpoint import (
-    FORMAT_VERSION,
-    REQUIRED_KEYS,
-    BackgroundWriter,
-    CheckpointStore,
-    InvalidCheckpoint,
-    read_checkpoint,
-)
+from daemon.checkpoint import BackgroundWriter, CheckpointStore, read_checkpoint
+from daemon.schema import FORMAT_VERSION, REQUIRED_KEYS, InvalidCheckpoint
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 

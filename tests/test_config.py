@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from daemon.config import Config
 
@@ -27,6 +28,19 @@ CASES = {
     "override without =": ("", ["--set", "train.epochs"], "expected section.key=value"),
     "override of an unknown key": ("", ["--set", "train.nope=1"], "train.nope: unknown key"),
     "override out of range": ("", ["--set", "checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1"),
+    "seed beyond 32 bits": ("train:\n  seed: 4294967296\n", [], "train.seed: must be in [0, 4294967295]"),
+    "seed of 2**64": ("train:\n  seed: 18446744073709551616\n", [], "train.seed: must be in [0, 4294967295]"),
+    "negative seed": ("train:\n  seed: -1\n", [], "train.seed: must be in [0, 4294967295]"),
+    "infinite learning rate": ("optim:\n  lr: .inf\n", [], "optim.lr: must be a finite number, got inf"),
+    "NaN dropout": ("model:\n  dropout: .nan\n", [], "model.dropout: must be a finite number, got nan"),
+    "NaN in an override": ("", ["--set", "checkpoint.every_seconds=.NaN"], "checkpoint.every_seconds: must be a finite"),
+    "integer beyond any float": ("optim:\n  lr: 1" + "0" * 400 + "\n", [], "optim.lr: must be a finite number"),
+    "duplicate key": ("optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n", [],
+                      "key 'lr' appears twice in one mapping, at lines 2 and 4"),
+    "duplicate section": ("train:\n  epochs: 1\ntrain:\n  seed: 2\n", [], "key 'train' appears twice in one mapping, at lines 1 and 3"),
+    "non-string key": ("1: a\nfoo: b\n", [], "1: not a setting name"),
+    "non-string key in a section": ("train:\n  true: 1\n", [], "train.True: not a setting name"),
+    "invalid UTF-8": (b"train:\n  epochs: \xff\xfe\n", [], "not UTF-8 text: invalid start byte at byte 17"),
 }
 
 
@@ -41,7 +55,7 @@ def run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
 def test_bad_config_exits_78_with_a_clear_message(tmp_path, case):
     text, extra, expected = CASES[case]
     config = tmp_path / "bad.yaml"
-    config.write_text(text)
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
 
     result = run_cli(tmp_path, "--config", str(config), *extra)
 
@@ -51,6 +65,48 @@ def test_bad_config_exits_78_with_a_clear_message(tmp_path, case):
     assert str(config) in record["message"] and expected in record["message"], record["message"]
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
+
+
+# Found when the run is built, before anything is written (data.root is never reached).
+BUILD_CASES = {
+    "a CUDA device this machine lacks": ("train:\n  device: cuda:99\n", "train.device: cuda:99, but this machine has"),
+    "a model that cannot be allocated": ("model:\n  hidden: [100000000]\n",
+                                         "model.hidden: [100000000] makes a model of 296.2 GiB"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BUILD_CASES)
+def test_config_that_cannot_be_built_exits_78_before_writing(tmp_path, case):
+    text, expected = BUILD_CASES[case]
+    (tmp_path / "bad.yaml").write_text(text)
+
+    result = run_cli(tmp_path, "--config", "bad.yaml")
+
+    assert result.returncode == 78, result.stdout + result.stderr
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["event"] == "config_error" and expected in record["message"], record["message"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_exits_78(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  device: cuda\n")
+
+    result = run_cli(tmp_path, "--config", "bad.yaml")
+
+    assert result.returncode == 78
+    assert "train.device: cuda, but this machine has 0 CUDA device(s)" in json.loads(result.stdout)["message"]
+
+
+def test_checkpoint_dir_that_is_a_file_exits_78_at_start_up(tmp_path):
+    (tmp_path / "bad.yaml").write_text("checkpoint:\n  dir: taken\n")
+    (tmp_path / "taken").write_text("a file")
+
+    result = run_cli(tmp_path, "--config", "bad.yaml")
+
+    assert result.returncode == 78
+    assert "checkpoint.dir: taken exists and is not a directory" in json.loads(result.stdout)["message"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "taken"]
 
 
 def test_missing_config_file_exits_78(tmp_path):

@@ -1,0 +1,27 @@
+"""The entry point of `trainer` and of `python -m daemon`: its first lines install the signal handlers.
+
+Everything slow comes after them (argparse, yaml, structlog, then torch), so a SIGTERM, Ctrl+C or
+SIGUSR1 that arrives during start-up is recorded and honoured at the first safe point instead of
+killing the process or printing a KeyboardInterrupt traceback. What remains is the interpreter's
+own start-up, before any code of ours runs (README, "Signals").
+"""
+
+import os
+import sys
+
+from daemon.signals import SignalRecorder
+
+
+def main() -> None:
+    """Run the command line; exits the process with its code (never returns)."""
+    signals = SignalRecorder()
+    signals.install()
+    from daemon.cli import main as run_cli  # structlog, yaml, argparse: after the handlers
+
+    code = run_cli(signals)
+    # All is saved, closed and flushed. The handlers stay in place to the end: the interpreter's
+    # finalization would put the default ones back (a signal then would kill a process that has
+    # finished its work) and collect every object torch made (~1 s) while a stopping systemd waits.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
