@@ -210,9 +210,10 @@ def assert_loaded_exactly(actual, expected, where="checkpoint") -> None:
         assert actual == expected and type(actual) is type(expected), f"{where}: {actual!r} != {expected!r}"
 
 
-def outcome(run: InProcessRun, forged: bytes, content: dict | None, may_be_incompatible: bool = False) -> str:
-    """Resume from `forged`: either it is used exactly (its content is what the trainer's objects
-    hold) or it is set aside with checkpoint_invalid and the fallback is used; then train to the end."""
+def outcome(run: InProcessRun, forged: bytes, content: dict, real: bool = False, may_be_incompatible: bool = False) -> str:
+    """Resume from `forged`, whose content is `content` if it loads (`real`: the real checkpoint's):
+    either it is used exactly (its content is what the trainer's objects hold) or it is set aside
+    with checkpoint_invalid and the fallback is used; then train to the end."""
     events, incompatible = run.resume_from(forged)
     if incompatible is not None:
         assert may_be_incompatible, incompatible
@@ -230,7 +231,7 @@ def outcome(run: InProcessRun, forged: bytes, content: dict | None, may_be_incom
         result = "set aside"
     with structlog.testing.capture_logs():
         assert run.trainer.run() == ExitCode.COMPLETE
-    if result == "set aside" or content is None:  # the real checkpoint was used, exactly
+    if result == "set aside" or real:  # real checkpoints only: the run ends as the unbroken one
         assert_same_training(final_checkpoint(run.directory), run.reference)
     return result
 
@@ -249,7 +250,7 @@ def test_forged_content_is_set_aside_with_its_reason(in_process, name):
 
 
 def test_the_real_checkpoint_is_used_exactly(in_process):
-    assert outcome(in_process, in_process.files[TARGET][1], in_process.target_content()) == "used"
+    assert outcome(in_process, in_process.files[TARGET][1], in_process.target_content(), real=True) == "used"
 
 
 # -- fuzz: random mutations of the bytes and of the content of a real checkpoint -----------------
@@ -343,7 +344,7 @@ def test_random_mutations_are_used_exactly_or_set_aside(in_process):
     counts: dict[str, int] = {}
     for _ in range(MUTATIONS):
         forged = mutate_bytes(real, rng)
-        result = outcome(in_process, forged, content if forged != real else None)
+        result = outcome(in_process, forged, content, real=True)
         counts[f"bytes {result}"] = counts.get(f"bytes {result}", 0) + 1
     for _ in range(MUTATIONS):
         state, path = mutate_content(content, rng)
