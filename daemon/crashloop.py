@@ -89,9 +89,10 @@ class CrashLoopGuard:
 
     def _write(self, record: Record) -> None:
         # One fixed temporary name: a run killed between the two steps leaves nothing to pile up.
+        # No directory is created here: a config refused at start-up must leave nothing behind. Until
+        # a run's lock creates it, systemd's start limit is what stops a crash loop.
         temp = self.directory / f".{RECORD_FILE}.new"
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             temp.write_text(json.dumps(dataclasses.asdict(record)))
             os.replace(temp, self.directory / RECORD_FILE)
         except OSError:
