@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from daemon.errors import CrashLoop, TrainerError
+from daemon.lock import LOCK_FILE
 
 CRASH_LIMIT = 5
 RECORD_FILE = "crash-record.json"
@@ -84,8 +85,12 @@ class CrashLoopGuard:
         try:
             fields = json.loads((self.directory / RECORD_FILE).read_text())
             return Record(**fields)
+        except FileNotFoundError:
+            # The record is written only where the directory exists: a run that found none, created
+            # it with its lock and then left no record behind ended without an orderly exit.
+            return Record(running=(self.directory / LOCK_FILE).exists())
         except (OSError, ValueError, TypeError):
-            return Record()  # none yet, or unreadable: no crash is known
+            return Record()  # unreadable: no crash is known
 
     def _write(self, record: Record) -> None:
         # One fixed temporary name: a run killed between the two steps leaves nothing to pile up.
