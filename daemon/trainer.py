@@ -268,6 +268,8 @@ class Trainer:
             if sampler.epoch != self.progress.epoch:
                 sampler.set_epoch(self.progress.epoch)
             sampler.start_at(self.progress.step_in_epoch)
+            # Past this event a stop is acted on after a step, never before the first one.
+            self.log.info("epoch_started", **self._position(), steps_in_epoch=len(sampler))
             for images, labels in self._batches():
                 self._train_step(images, labels)
                 outcome = self._after_step()

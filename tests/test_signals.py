@@ -185,14 +185,12 @@ def test_on_demand_save_on_an_epochs_last_step_still_writes_the_final_checkpoint
 def test_emergency_checkpoint_on_an_epochs_last_step_resumes_exactly(run_config, reference_runs):
     """SIGTERM during the last step of an epoch: the emergency file holds the step, not the epoch's end;
     the resumed run completes that epoch and must save it, or it ends with an older scheduler and history."""
-    run_config.settings = {**ONE_STEP_EPOCHS, "train.epochs": 2}
-    for _attempt in range(5):  # the signal must land during the first step, not before it
-        process = TrainerProcess.start(run_config)
-        process.wait_for("run_started")
-        process.signal(signal.SIGTERM)
-        assert process.wait() == STOPPED, process.output()
-        if process.events("checkpoint_saved"):
-            break
+    # One step of 3000 samples through the big model: long enough that the signal lands during it.
+    run_config.settings = {**BIG_MODEL, **ONE_STEP_EPOCHS, "train.batch_size": 3000, "data.train_subset": 3000, "train.epochs": 2}
+    process = TrainerProcess.start(run_config)
+    process.wait_for("epoch_started")  # past the start-up check: the stop is acted on after the step
+    process.signal(signal.SIGTERM)
+    assert process.wait() == STOPPED, process.output()
     (emergency,) = process.events("checkpoint_saved")
     assert (emergency["kind"], emergency["epoch"], emergency["step_in_epoch"]) == ("emergency", 0, 1)
 
