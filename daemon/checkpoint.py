@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import stat
 import time
@@ -31,7 +30,6 @@ from daemon.schema import NAME, InvalidCheckpoint, check_format
 # Written after the epoch at their step was completed, so newer than any other kind at that step.
 EPOCH_END_KINDS = ("epoch", "final")
 TEMP_PREFIX = ".tmp-"
-LOGGED_STEP_FILE = "last-logged-step.json"
 NOT_A_FILE = "not a regular file; left in place"
 
 
@@ -202,26 +200,6 @@ class CheckpointStore:
 
     def _write_error(self, what: str, exc: OSError, note: str = "") -> CheckpointWriteError:
         return CheckpointWriteError(f"{what}: {exc.strerror or exc}; free space or fix permissions in {self.directory}{note}")
-
-    def mark_logged_step(self, global_step: int) -> None:
-        """Remember the step a `progress` event last reported, so that a run killed without warning
-        lets its successor say how many steps it redoes. Advisory: not fsynced, and skipped when
-        the disk refuses (the next checkpoint save reports that)."""
-        temp = self.directory / f"{TEMP_PREFIX}{LOGGED_STEP_FILE}.{os.getpid()}"
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temp.write_text(json.dumps({"global_step": global_step}))
-            os.replace(temp, self.directory / LOGGED_STEP_FILE)
-        except OSError:
-            with contextlib.suppress(OSError):  # a read-only directory refuses the clean-up too
-                temp.unlink(missing_ok=True)
-
-    def last_logged_step(self) -> int | None:
-        try:
-            step = json.loads((self.directory / LOGGED_STEP_FILE).read_text())["global_step"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return step if isinstance(step, int) else None
 
     def remove_temp_files(self) -> list[Path]:
         """Temporary files left by a process killed mid-write; they were never checkpoints."""

@@ -59,12 +59,15 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
 
     log = logs.get()
     notifier = Notifier()
-    configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
+    threads = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
     keep_freed_memory()  # before torch allocates anything
     try:
         with CrashLoopGuard(Path(cfg.checkpoint.dir)):  # before torch: a crash importing it counts
+            import torch
+
             from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
 
+            torch.set_num_threads(threads)  # as already in force, unless a script imported torch first
             return Trainer(cfg, signals, notifier).run()
     except TrainerError as exc:
         log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code), **exc.fields)

@@ -24,6 +24,23 @@ from daemon.threads import WAIT_POLICIES
 SEED_MAX = 2**32 - 1  # numpy's global RNG takes 32-bit seeds
 
 
+BUILTIN_TASK = "daemon.mnist_mlp:build"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    # What trains: "package.module:callable" or "path/to/file.py:callable" (relative to the working
+    # directory), called with a daemon.task.TaskContext; it returns the task (README, "Your own model").
+    entry: str = BUILTIN_TASK
+    options: dict[str, Any] = field(default_factory=dict)  # handed to the task as context.options
+
+    def __post_init__(self) -> None:
+        target, sep, name = self.entry.rpartition(":")
+        _require(bool(sep and target and name.isidentifier()), "task.entry",
+                 f"{self.entry!r} must be 'package.module:callable' or 'path/to/file.py:callable'")  # fmt: skip
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     root: str = "data"  # MNIST lives in <root>/MNIST/raw/, laid out there from the shipped files
@@ -52,13 +69,16 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class SchedulerConfig:
-    name: str  # "step" (StepLR) or "cosine" (CosineAnnealingLR); stepped once per epoch
-    step_size: int = 1  # step: epochs between decays
+    name: str  # "step" (StepLR) or "cosine" (CosineAnnealingLR)
+    step_size: int = 1  # step: intervals (epochs or steps) between decays
     gamma: float = 0.1  # step: decay factor
-    t_max: int = 5  # cosine: epochs of one half-period
+    t_max: int = 5  # cosine: intervals of one half-period
+
+    interval: str = "epoch"  # "epoch": stepped after each epoch; "step": after each optimizer step
 
     def __post_init__(self) -> None:
         _require(self.name in ("step", "cosine"), "optim.scheduler.name", "must be 'step' or 'cosine'")
+        _require(self.interval in ("epoch", "step"), "optim.scheduler.interval", "must be 'epoch' or 'step'")
         _require(self.step_size >= 1, "optim.scheduler.step_size", "must be >= 1")
         _require(self.gamma > 0, "optim.scheduler.gamma", "must be > 0")
         _require(self.t_max >= 1, "optim.scheduler.t_max", "must be >= 1")
@@ -71,8 +91,12 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
     scheduler: SchedulerConfig | None = None  # null: constant learning rate
+    warmup_steps: int = 0  # the LR rises linearly over the first N optimizer steps (0: none)
+    clip_grad_norm: float | None = None  # clip the gradients' total 2-norm to this before each step
 
     def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "optim.clip_grad_norm", "must be > 0 or null")
         _require(self.name in ("adam", "adamw", "sgd"), "optim.name", "must be 'adam', 'adamw' or 'sgd'")
         _require(self.lr > 0, "optim.lr", "must be > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -92,8 +116,14 @@ class TrainConfig:
     deterministic: bool = True
     cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (README, "Threads")
     cpu_wait: str = "bounded"  # how OpenMP threads wait at a barrier: "bounded" spin, "active", "passive"
+    grad_accum_steps: int = 1  # batches of batch_size whose gradients make one optimizer step
+    precision: str = "fp32"  # "bf16": autocast to bfloat16 (CPU, CUDA); "fp16": float16 with loss scaling (CUDA)
 
     def __post_init__(self) -> None:
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _require(self.precision != "fp16" or self.device != "cpu", "train.precision",
+                 "fp16 needs CUDA (its loss scaling is CUDA's); use bf16 on the CPU")  # fmt: skip
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
@@ -137,6 +167,7 @@ class LogConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -163,18 +194,35 @@ class Config:
         for override in overrides:
             _apply_override(raw, override, path)
         try:
-            return _build(cls, raw, prefix="")
+            config = _build(cls, raw, prefix="")
+            config._check_builtin_settings()
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        return config
+
+    def _check_builtin_settings(self) -> None:
+        """`model` and the data subsets configure the built-in MLP; another task takes its own
+        settings from task.options, and would silently ignore them."""
+        if self.task.entry == BUILTIN_TASK:
+            return
+        defaults = Config().flat()
+        builtin_only = [key for key in ("model.hidden", "model.dropout", "data.train_subset", "data.test_subset")
+                        if self.flat()[key] != defaults[key]]  # fmt: skip
+        _require(not builtin_only, builtin_only[0] if builtin_only else "", f"configures the built-in MNIST MLP, "
+                 f"not {self.task.entry}; give that task its settings under task.options")  # fmt: skip
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its dotted key, e.g. {"train.batch_size": 100, ...}."""
         return _flatten(dataclasses.asdict(self))
 
-    def exactness_fingerprint(self) -> str:
-        """Hash of every setting a bitwise-exact resume depends on."""
-        relevant = {k: v for k, v in self.flat().items() if not is_resume_safe(k)}
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+
+def exactness_fingerprint(settings: dict[str, Any]) -> str:
+    """Hash of every setting (flat, as Config.flat() and the task's version give them) that a
+    bitwise-exact resume depends on."""
+    relevant = {k: v for k, v in settings.items() if not is_resume_safe(k)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 # Settings that may change between a checkpoint and its resume without breaking exactness.
@@ -275,6 +323,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return _convert(inner, value, key)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
+    if origin is dict:  # task.options: any YAML mapping with names as keys
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: must be a mapping of names to values, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

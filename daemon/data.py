@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from daemon.config import DataConfig
 from daemon.errors import DatasetUnavailable
@@ -111,11 +114,8 @@ class MnistTensors(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.__getitems__([index])
+        images, labels = self.batch(torch.as_tensor([index]))
         return images[0], labels[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch(torch.as_tensor(indices))
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `index` (int32 or int64): float images (N, 784) and int64 labels."""
@@ -180,6 +180,10 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = torch.arange(self.num_samples)
         self.epoch, self.order, self.start_batch = epoch, order.to(torch.int32), 0
 
+    def batch_length(self, batch: int) -> int:
+        """How many samples batch number `batch` of an epoch holds (the last one may be short)."""
+        return min(self.batch_size, self.num_samples - batch * self.batch_size)
+
     def start_at(self, batch: int) -> None:
         self.start_batch = batch
 
@@ -216,22 +220,101 @@ def _already_batched(batch):
     return batch
 
 
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed of its own for each sample of each epoch (splitmix64 of the three)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+MASK64 = 2**64 - 1
+
+
+class SeededSamples(Dataset):
+    """A task's dataset, fetched by (epoch, index) keys with torch's, numpy's and Python's global
+    RNGs seeded for that sample first: a random augmentation draws the same numbers on every resume
+    and in any worker, whatever num_workers is (DataLoader's own worker seeds restart with each
+    iterator, so they would not). The caller's RNG states are put back afterwards: with no workers
+    the fetch runs in the training process, between steps that draw from them (dropout)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        try:
+            samples = []
+            for epoch, index in keys:
+                seed = _sample_seed(self.seed, epoch, index)
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's is the loop's
+                np.random.seed(seed & 0xFFFFFFFF)
+                random.seed(seed)
+                samples.append(self.dataset[index])
+            return samples
+        finally:
+            torch.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
+class KeyedBatches(Sampler[list[tuple[int, int]]]):
+    """The sampler's batches as (epoch, index) keys, for SeededSamples."""
+
+    def __init__(self, sampler: EpochBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler.index_batches():
+            yield [(epoch, index) for index in batch.tolist()]
+
+
 class InProcessLoader:
-    """The batches `DataLoader(num_workers=0)` yields, without its per-batch machinery (index
-    lists, fetcher, collate): with no worker to hide it behind, that machinery costs ~3% of
-    an MLP step. Like DataLoader's, each iterator starts at the sampler's start batch."""
+    """The batches `DataLoader(num_workers=0)` yields from a batch-indexed dataset, without its
+    per-batch machinery (index lists, fetcher, collate): with no worker to hide it behind, that
+    machinery costs ~3% of an MLP step. Like DataLoader's, each iterator starts at the sampler's
+    start batch."""
 
     num_workers = 0
 
-    def __init__(self, dataset: MnistTensors, sampler: EpochBatchSampler, pin_memory: bool) -> None:
+    def __init__(self, dataset: BatchIndexed, sampler: EpochBatchSampler, pin_memory: bool) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.pin_memory = pin_memory
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         for index in self.sampler.index_batches():
-            images, labels = self.dataset.batch(index)
-            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+            batch = self.dataset.batch(index)
+            yield map_tensors(torch.Tensor.pin_memory, batch) if self.pin_memory else batch
+
+
+class BatchIndexed(Protocol):
+    """A dataset that serves a whole batch from an index tensor, drawing no random numbers."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor) -> Any: ...
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
+    """`fn` applied to every tensor of a batch made of tuples, lists and dicts."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(map_tensors(fn, item) for item in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, item) for item in batch)
+    if isinstance(batch, dict):
+        return {key: map_tensors(fn, value) for key, value in batch.items()}
+    return batch
 
 
 @dataclass
@@ -240,21 +323,41 @@ class TrainData:
     sampler: EpochBatchSampler
 
 
-def build_train_data(dataset: MnistTensors, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool) -> TrainData:
+def build_train_data(
+    dataset: Dataset, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool, collate_fn: Callable | None
+) -> TrainData:
     sampler = EpochBatchSampler(len(dataset), batch_size, cfg.shuffle, seed)
+    batch_indexed = callable(getattr(dataset, "batch", None))
     workers = cfg.num_workers
-    if workers == 0:
+    if batch_indexed and workers == 0:
         return TrainData(InProcessLoader(dataset, sampler, pin_memory), sampler)
+    if batch_indexed:
+        dataset, batches, collate_fn = _WholeBatches(dataset), sampler, _already_batched
+    else:
+        dataset, batches, collate_fn = SeededSamples(dataset, seed), KeyedBatches(sampler), collate_fn or default_collate
     loader = DataLoader(
         dataset,
-        batch_sampler=sampler,
-        collate_fn=_already_batched,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
         num_workers=workers,
-        persistent_workers=True,
-        worker_init_fn=ignore_stop_signals_in_worker,
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals_in_worker if workers else None,
         pin_memory=pin_memory,
         # Its own generator: creating an iterator draws a base seed, which must not consume
         # the global RNG (dropout's), or a resumed epoch would diverge from an unbroken one.
         generator=torch.Generator().manual_seed(seed),
     )
     return TrainData(loader, sampler)
+
+
+class _WholeBatches(Dataset):
+    """A batch-indexed dataset as DataLoader workers fetch it: the batch's index list at once."""
+
+    def __init__(self, dataset: BatchIndexed) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return self.dataset.batch(torch.as_tensor(indices))

@@ -5,10 +5,10 @@ checkpoint, and one of this run: every key, type, tensor shape and dtype, length
 loading and resuming rely on. Two levels:
 
 - `check_format`: any trainer checkpoint (keys, format version, kind, the name it is stored under);
-- `CheckpointSchema`: a checkpoint this run can load. Its expected structure is taken from the live
-  objects the checkpoint would be loaded into (the trainer's own `state_dict()`: the model's and
-  optimizer's state dicts, the sampler, the RNGs), so it follows the config without a second
-  description of the model or the optimizer.
+- `CheckpointSchema`: a checkpoint this run can load. Its keys and expected structure are taken from
+  the live objects the checkpoint would be loaded into (the run's state registry: the model's and
+  optimizer's state dicts, the LR schedules, the sampler, the RNGs, the task's own state), so it
+  follows the config and the task without a second description of them.
 
 A failed check raises InvalidCheckpoint with the key and what is wrong with it.
 """
@@ -26,13 +26,15 @@ import torch
 
 FORMAT_VERSION = 1
 KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
+# What every checkpoint of this format holds besides the run's registered state (daemon/registry.py):
+# where the run stands (TrainProgress) and what it was trained with.
 REQUIRED_KEYS = frozenset(
-    {"format_version", "kind", "state_dict", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
-     "metrics", "history", "data", "rng", "config", "fingerprint"}
-)  # fmt: skip
+    {"format_version", "kind", "epoch", "step_in_epoch", "global_step", "metrics", "history", "config", "fingerprint"}
+)
+OPTIONAL_KEYS = frozenset({"cpu_threads"})  # added to the format later: checked when present
 NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
-# One entry of `history` per completed epoch, as TrainProgress.complete_epoch writes it.
-HISTORY_ENTRY = {"epoch": 1, "train_loss": 0.0, "test_accuracy": 0.0}
+# The settings of an LR scheduler's state that its progress does not change (step_size, gamma, base_lrs...).
+SCHEDULER_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"})
 UINT32_END = 2**32  # the Mersenne Twister's words (numpy's and Python's RNG state)
 MT_WORDS = 624
 
@@ -128,83 +130,99 @@ def _like(template: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=template.dtype, device="meta")
 
 
+def probe_optimizer(build: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> dict:
+    """The state dict of the run's optimizer built for a one-parameter probe, after one step with a
+    zero gradient: what it keeps per parameter, and the settings of its param groups. A 2-D tensor in
+    its state stands for one shaped like each parameter. Draws no random numbers."""
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(2, 3))
+    optimizer = build(module)
+    module.weight.grad = torch.zeros_like(module.weight)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
 @dataclass(frozen=True, kw_only=True)
-class Builders:
-    """The run's own builders of its optimizer and LR scheduler (daemon/model.py, with its config)."""
+class RunShape:
+    """How the run being resumed counts: what a checkpoint's position must agree with."""
 
-    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-    scheduler: Callable[[torch.optim.Optimizer], Any]  # an LR scheduler, or None
-
-    def probe(self, epochs: int) -> tuple[dict, dict | None]:
-        """The state dicts of the optimizer and scheduler of a one-parameter probe, after one step
-        with a zero gradient and `epochs` epochs of the scheduler: what the run's optimizer keeps
-        per parameter, and what its param groups and scheduler hold at that epoch. A 2-D tensor in
-        the optimizer's state stands for one shaped like each parameter. Draws no random numbers."""
-        module = torch.nn.Module()
-        module.weight = torch.nn.Parameter(torch.zeros(2, 3))
-        optimizer = self.optimizer(module)
-        scheduler = self.scheduler(optimizer)
-        module.weight.grad = torch.zeros_like(module.weight)
-        optimizer.step()
-        for _ in range(epochs if scheduler else 0):
-            scheduler.step()
-        return optimizer.state_dict(), scheduler.state_dict() if scheduler else None
+    steps_per_epoch: int  # optimizer steps
+    samples_per_step: int  # batch_size x grad_accum_steps
+    # Each LR schedule's key in the checkpoint, and what it counts: "epoch" or "step".
+    schedules: dict[str, str]
 
 
 class CheckpointSchema:
     """What a checkpoint must hold for this run to load it and resume exactly."""
 
-    def __init__(self, *, template: dict, parameters: list[torch.Tensor], builders: Builders, steps_per_epoch: int) -> None:
-        """`template`: the live trainer's `state_dict()`, the structure of a checkpoint this run
-        writes; `parameters`: its optimizer's, in the order the optimizer's state dict numbers them."""
+    def __init__(self, *, template: dict, parameters: list[torch.Tensor], optimizer_probe: dict | None, shape: RunShape) -> None:
+        """`template`: what this run writes (the live registry's state and the progress), the
+        structure a checkpoint must have; `parameters`: the optimizer's, in the order its state dict
+        numbers them; `optimizer_probe`: probe_optimizer of the run's builder, None when the task
+        builds its own optimizer (then only the structure of its state is checked)."""
         self.live = template
         self.parameter_shapes = {index: tuple(parameter.shape) for index, parameter in enumerate(parameters)}
-        self.builders = builders
-        self.steps_per_epoch = steps_per_epoch
+        self.optimizer_probe = optimizer_probe
+        self.shape = shape
+        self.checks: dict[str, Callable[[Any, dict], None]] = {
+            "optimizer": lambda value, state: self._check_optimizer(value, trained=state["global_step"] > 0),
+            "data": lambda value, state: self._check_data(value, state["epoch"], state["step_in_epoch"]),
+            "rng": lambda value, state: self._check_rng(value),
+        }
+        for key, counts in shape.schedules.items():
+            self.checks[key] = lambda value, state, key=key, counts=counts: self._check_schedule(
+                key, value, state["epoch"] if counts == "epoch" else state["global_step"]
+            )
 
     def check(self, state: dict) -> None:
         """Raise InvalidCheckpoint unless `state` (which passed `check_format`) fits this run."""
+        missing = self.live.keys() - OPTIONAL_KEYS - state.keys()
+        _require(not missing, "checkpoint", f"keys missing: {_listed(missing)}")
         unexpected = state.keys() - self.live.keys()
         _require(not unexpected, "checkpoint", f"unexpected keys: {_listed(unexpected)}")
         self._check_progress(state)
-        conform(state["state_dict"], self.live["state_dict"], "state_dict")
-        optimizer, scheduler = self.builders.probe(state["epoch"])
-        self._check_optimizer(state["optimizer"], optimizer, trained=state["global_step"] > 0)
-        self._check_scheduler(state["scheduler"], scheduler)
-        self._check_data(state["data"], state["epoch"], state["step_in_epoch"])
-        self._check_rng(state["rng"])
-        for key in state.keys() - REQUIRED_KEYS:  # keys added to the format since: as this run writes them
-            conform(state[key], self.live[key], key)
+        for key in self.live.keys() - REQUIRED_KEYS:
+            if key in state:
+                self.checks.get(key, lambda value, _state, key=key: conform(value, self.live[key], key))(state[key], state)
 
     def _check_progress(self, state: dict) -> None:
-        for key in ("epoch", "step_in_epoch", "global_step", "metrics"):
+        for key in ("epoch", "step_in_epoch", "global_step"):
             conform(state[key], self.live[key], key)
-        epoch, step, per_epoch = state["epoch"], state["step_in_epoch"], self.steps_per_epoch
+        metrics_template = {"loss_sum": 0.0, "samples": 0}
+        if isinstance(state["metrics"], dict) and "sums" in state["metrics"]:
+            metrics_template["sums"] = Rule(_names_to_finite)
+        conform(state["metrics"], metrics_template, "metrics")
+        epoch, step, per_epoch = state["epoch"], state["step_in_epoch"], self.shape.steps_per_epoch
         _require(epoch >= 0, "epoch", f"{epoch} is negative")
         _require(0 <= step <= per_epoch, "step_in_epoch", f"{step} is outside this run's 0..{per_epoch} steps per epoch")
         position = epoch * per_epoch + step
         _require(state["global_step"] == position, "global_step",
                  f"{state['global_step']}, but epoch {epoch} step {step} is step {position} at {per_epoch} steps per epoch")  # fmt: skip
-        data, samples = self.live["data"], state["metrics"]["samples"]
-        expected = min(step * data["batch_size"], data["num_samples"])
+        samples = state["metrics"]["samples"]
+        expected = min(step * self.shape.samples_per_step, self.live["data"]["num_samples"])
         _require(samples == expected, "metrics.samples", f"{samples}, but {step} steps train {expected} samples")
         _require(state["metrics"]["loss_sum"] >= 0, "metrics.loss_sum", "is negative")
         history = state["history"]
         _require(_is(history, list) and len(history) == epoch, "history", f"must list the {epoch} completed epochs")
-        conform(history, [HISTORY_ENTRY] * epoch, "history")
         for index, entry in enumerate(history):
             where = f"history[{index}]"
+            conform(entry, {"epoch": 1, "train_loss": 0.0, **_metrics_of(entry)}, where)
             _require(entry["epoch"] == index + 1, f"{where}.epoch", f"{entry['epoch']}, expected {index + 1}")
             _require(entry["train_loss"] >= 0, f"{where}.train_loss", "is negative")
-            _require(0 <= entry["test_accuracy"] <= 1, f"{where}.test_accuracy", "is not a fraction")
+            accuracy = entry.get("test_accuracy")
+            _require(accuracy is None or 0 <= accuracy <= 1, f"{where}.test_accuracy", "is not a fraction")
 
-    def _check_optimizer(self, optimizer: Any, probe: dict, trained: bool) -> None:
-        live_groups, per_parameter = self.live["optimizer"]["param_groups"], probe["state"].get(0, {})
+    def _check_optimizer(self, optimizer: Any, trained: bool) -> None:
+        live_groups = self.live["optimizer"]["param_groups"]
+        probe = self.optimizer_probe
+        per_parameter = probe["state"].get(0, {}) if probe else {}
         states = Rule(lambda value, where: self._check_parameter_states(value, where, per_parameter, trained))
         conform(optimizer, {"state": states, "param_groups": live_groups}, "optimizer")
         for index, (group, live_group) in enumerate(zip(optimizer["param_groups"], live_groups)):
-            # Every setting as the probe's at this epoch (an LR scheduler moves `lr`); the parameters as the run's.
-            for key, expected in {**probe["param_groups"][0], "params": live_group["params"]}.items():
+            # Every setting as the probe's (the learning rate moves with the schedules: only its
+            # type is checked); the parameters as the run's.
+            settings = {key: value for key, value in probe["param_groups"][0].items() if key != "lr"} if probe else {}
+            for key, expected in {**settings, "params": live_group["params"]}.items():
                 _require(group[key] == expected, f"optimizer.param_groups[{index}].{key}",
                          f"{_shown(group[key])}, this run's optimizer has {_shown(expected)}")  # fmt: skip
 
@@ -217,19 +235,25 @@ class CheckpointSchema:
             missing = sorted(shapes.keys() - states.keys())
             _require(not missing, where, f"no state for parameters {missing[:5]} after training steps")
         for key, state in states.items():
+            if not per_parameter:  # a task's own optimizer: no probe says what it keeps per parameter
+                continue
             expected = {
                 name: _like(value, shapes[key]) if isinstance(value, torch.Tensor) and value.dim() == 2 else value
                 for name, value in per_parameter.items()
             }
             conform(state, expected, f"{where}.{key}")
 
-    def _check_scheduler(self, scheduler: Any, probe: dict | None) -> None:
-        if probe is None:
-            _require(scheduler is None, "scheduler", "this run has no LR scheduler")
+    def _check_schedule(self, key: str, schedule: Any, count: int) -> None:
+        """An LR schedule's state: the run's structure and settings, at the count the position gives."""
+        live = self.live[key]
+        if live is None:
+            _require(schedule is None, key, "this run has no such schedule")
             return
-        conform(scheduler, self.live["scheduler"], "scheduler")
-        for key, expected in probe.items():
-            _require(scheduler[key] == expected, f"scheduler.{key}", f"{_shown(scheduler[key])}, expected {_shown(expected)}")
+        conform(schedule, live, key)
+        for name, expected in live.items():
+            if name not in SCHEDULER_PROGRESS:
+                _require(schedule[name] == expected, f"{key}.{name}", f"{_shown(schedule[name])}, expected {_shown(expected)}")
+        _require(schedule["last_epoch"] == count, f"{key}.last_epoch", f"{schedule['last_epoch']}, expected {count}")
 
     def _check_data(self, data: Any, epoch: int, step: int) -> None:
         live = self.live["data"]
@@ -262,6 +286,24 @@ class CheckpointSchema:
         _require(_words(numpy["keys"]), "rng.numpy.keys", "are not 32-bit words")
         python = rng["python"]["state"]
         _require(_words(python[:-1]) and 0 <= int(python[-1]) <= MT_WORDS, "rng.python.state", "is not a Mersenne Twister state")
+
+
+def _metrics_of(entry: Any) -> dict:
+    """The template of a history entry's metrics (a task's evaluation and step metrics): each a finite number."""
+    if not isinstance(entry, dict):
+        return {}
+    return {key: Rule(_finite_number) for key in entry if key not in ("epoch", "train_loss")}
+
+
+def _finite_number(value: Any, where: str) -> None:
+    _require((_is(value, int) or _finite(value)), where, f"{_shown(value)} is not a finite number")
+
+
+def _names_to_finite(value: Any, where: str) -> None:
+    _require(isinstance(value, dict), where, f"a mapping expected, found {type(value).__name__}")
+    for name, number in value.items():
+        _require(_is(name, str), where, f"{_shown(name)} is not a metric name")
+        _finite_number(number, f"{where}.{name}")
 
 
 def _none_or_finite(value: Any, where: str) -> None:

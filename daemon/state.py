@@ -17,42 +17,69 @@ class TrainProgress:
     """Where the run stands, and the running metrics of the epoch in flight."""
 
     epoch: int = 0  # epochs completed = index of the epoch in flight
-    step_in_epoch: int = 0  # batches of the epoch in flight already trained
+    step_in_epoch: int = 0  # optimizer steps of the epoch in flight already taken
     global_step: int = 0
     samples: int = 0  # samples trained in the epoch in flight
     # Kept on the model's device in float64 so the hot loop adds without a host sync.
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # a task's step metrics, as loss_sum
     history: list[dict] = field(default_factory=list)  # per completed epoch, numbered from 1
 
     def to(self, device: torch.device) -> TrainProgress:
         self.loss_sum = self.loss_sum.to(device)
         return self
 
-    def record_step(self, loss: torch.Tensor, batch_samples: int) -> None:
+    def record_batch(self, loss: torch.Tensor, batch_samples: int, metrics: dict | None = None) -> None:
+        """A batch trained (one of the optimizer step's batches under gradient accumulation)."""
         self.loss_sum.add_(loss.detach(), alpha=batch_samples)
+        for name, value in (metrics or {}).items():
+            total = self.metric_sums.get(name)
+            if total is None:
+                total = self.metric_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
+            total.add_(torch.as_tensor(value).detach().to(total.device), alpha=batch_samples)
         self.samples += batch_samples
+
+    def record_step(self) -> None:
         self.step_in_epoch += 1
         self.global_step += 1
 
     def mean_loss(self) -> float:
         return self.loss_sum.item() / max(self.samples, 1)
 
-    def complete_epoch(self, **metrics: float) -> dict:
-        """Close the epoch in flight: record its metrics and start the next one."""
-        entry = {"epoch": self.epoch + 1, "train_loss": self.mean_loss(), **metrics}
+    def mean_metrics(self) -> dict[str, float]:
+        """The task's step metrics averaged over the epoch in flight, as `train_<name>`."""
+        return {f"train_{name}": total.item() / max(self.samples, 1) for name, total in self.metric_sums.items()}
+
+    def complete_epoch(self, evaluation: dict[str, float]) -> dict:
+        """Close the epoch in flight: record its evaluation (headline first) and training metrics,
+        and start the next one."""
+        entry = {"epoch": self.epoch + 1, **evaluation, "train_loss": self.mean_loss(), **self.mean_metrics()}
         self.history.append(entry)
         self.epoch += 1
         self.step_in_epoch = 0
         self.samples = 0
         self.loss_sum.zero_()
+        self.metric_sums.clear()
         return entry
 
+    def headline(self) -> dict:
+        """The last completed epoch's headline metric, `{"headline": name, name: value}`: the first of
+        the task's evaluation (train_loss when it has none); `{"headline": None}` before any epoch."""
+        if not self.history:
+            return {"headline": None}
+        entry = self.history[-1]
+        name = next(key for key in entry if key != "epoch")
+        return {"headline": name, name: entry[name]}
+
     def state_dict(self) -> dict:
+        metrics = {"loss_sum": self.loss_sum.item(), "samples": self.samples}
+        if self.metric_sums:  # only a task with step metrics has them: the format is unchanged otherwise
+            metrics["sums"] = {name: total.item() for name, total in self.metric_sums.items()}
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "metrics": {"loss_sum": self.loss_sum.item(), "samples": self.samples},
+            "metrics": metrics,
             "history": [dict(entry) for entry in self.history],
         }
 
@@ -62,6 +89,10 @@ class TrainProgress:
         self.global_step = state["global_step"]
         self.samples = state["metrics"]["samples"]
         self.loss_sum.fill_(state["metrics"]["loss_sum"])
+        self.metric_sums = {
+            name: torch.tensor(total, dtype=torch.float64, device=self.loss_sum.device)
+            for name, total in state["metrics"].get("sums", {}).items()
+        }
         self.history = [dict(entry) for entry in state["history"]]
 
 

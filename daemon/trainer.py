@@ -1,5 +1,5 @@
-"""The training loop: resumes from the newest valid checkpoint, trains, and acts on signals
-at step boundaries (never inside a step), deciding when to save.
+"""The training loop: builds the run (the task, its optimizer, the state registry), resumes, trains,
+and acts on signals at step boundaries (never inside a step), saving when the policy says.
 """
 
 from __future__ import annotations
@@ -9,18 +9,23 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from daemon import lock, logs, threads
-from daemon.checkpoint import BackgroundWriter, CheckpointStore, Entry, SaveResult
-from daemon.config import Config, is_resume_safe
-from daemon.data import build_train_data, load_mnist, prepare_mnist, to_float
-from daemon.errors import ConfigError, ExitCode, IncompatibleCheckpoint
-from daemon.model import allocate_model, build_optimizer, build_scheduler, parameter_count
-from daemon.schema import FORMAT_VERSION, Builders, CheckpointSchema
+from daemon.checkpoint import CheckpointStore
+from daemon.config import Config, exactness_fingerprint
+from daemon.data import build_train_data, map_tensors
+from daemon.errors import ConfigError, ExitCode
+from daemon.optim import build_optimizer, build_scheduler, build_warmup
+from daemon.progress import LoggedStep, ProgressReporter
+from daemon.registry import StateRegistry
+from daemon.resume import Resumer
+from daemon.saving import Saver
+from daemon.schema import FORMAT_VERSION, CheckpointSchema, RunShape, probe_optimizer
 from daemon.signals import SignalRecorder, stop_signals_blocked
 from daemon.state import RNGState, TrainProgress
+from daemon.stepping import Stepper
 from daemon.systemd import Notifier
+from daemon.task import TaskContext, build_task, has_state, version_of
 
 
 # How torch words the error an op without a deterministic kernel raises under use_deterministic_algorithms.
@@ -49,41 +54,79 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises
             torch.backends.cudnn.benchmark = False  # its choice of algorithm depends on timings
-        self.cpu_threads = torch.get_num_threads()  # as set up before torch was imported
 
-        RNGState.seed_all(cfg.train.seed)
-        self.model = allocate_model(cfg.model, self.device)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.scheduler = build_scheduler(cfg.optim.scheduler, self.optimizer)
-        # Once the config has proved buildable, before anything touches the directory or the data.
+        RNGState.seed_all(cfg.train.seed)  # before the task builds its model: the init draws from them
+        context = TaskContext(options=cfg.task.options, device=self.device, config=cfg)
+        self.task = build_task(cfg.task.entry, context)
+        self.model = self.task.model.to(self.device)
+        self.optimizer, self.scheduler, schedules = self._build_optimization()
+        self.warmup = build_warmup(cfg.optim.warmup_steps, self.optimizer)
+        self.stepper = Stepper(self.task, self.optimizer, cfg.train, cfg.optim.clip_grad_norm, self.device)
+        # Once the config has proved buildable, before anything touches the directory.
         self._lock = lock.acquire(Path(cfg.checkpoint.dir))
 
-        laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
-        if laid_out:
-            self.log.info("dataset_prepared", root=cfg.data.root, files=laid_out)
-        self.test_set = load_mnist(cfg.data, train=False)
-        train_set = load_mnist(cfg.data, train=True)
-        self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda")
+        train_set = self.task.train_set
+        collate = getattr(self.task, "collate_fn", None)
+        self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda", collate)
+        self.accum = cfg.train.grad_accum_steps
+        self.steps_per_epoch = -(-len(self.data.sampler) // self.accum)
         self.progress = TrainProgress().to(self.device)
-        self.fingerprint = cfg.exactness_fingerprint()
+        # Every setting, and the task's version, as the checkpoints store them.
+        self.settings = {**cfg.flat(), "task.version": version_of(self.task)}
+        self.fingerprint = exactness_fingerprint(self.settings)
 
-        self.store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
-        self.writer = BackgroundWriter(self.store) if cfg.checkpoint.async_save else None
-        # The state on disk, as (epochs completed, global step): completing an epoch changes the
-        # state (scheduler, history) without a step. The start needs no file: config and seed recreate it.
-        self.last_saved = (0, 0)
-        self.last_saved_at = time.monotonic()
-        self.last_save_ms = 0.0
+        self.registry = StateRegistry()
+        self.registry.register("state_dict", self.model)  # the key of the classic recipe
+        self.registry.register("optimizer", self.optimizer)
+        self.registry.register("scheduler", self.scheduler)
+        if self.warmup:
+            self.registry.register("warmup", self.warmup)
+        if self.stepper.scaler:
+            self.registry.register("grad_scaler", self.stepper.scaler)
+        self.registry.register("data", self.data.sampler)
+        self.registry.register("rng", RNGState())
+        if has_state(self.task):
+            self.registry.register("task", self.task)
+        self.schedules = {**schedules, **({"warmup": "step"} if self.warmup else {})}
+
+        store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
+        logged = LoggedStep(store.directory)
+        self.reporter = ProgressReporter(
+            self.log, notifier, self.progress, logged, every_seconds=cfg.log.progress_every_seconds,
+            steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
+        )  # fmt: skip
+        self.saver = Saver(cfg.checkpoint, store, self.state_dict, self.reporter, logged, self.log)
+        self.resumer = Resumer(
+            store, logged, self.log, settings=self.settings, fingerprint=self.fingerprint,
+            cpu_threads_setting=cfg.train.cpu_threads,
+        )  # fmt: skip
         self.log.info(
             "run_started",
             device=str(self.device),
-            parameters=parameter_count(self.model),
+            task=cfg.task.entry,
+            parameters=sum(p.numel() for p in self.model.parameters()),
             train_samples=len(train_set),
-            test_samples=len(self.test_set),
-            steps_per_epoch=len(self.data.sampler),
+            steps_per_epoch=self.steps_per_epoch,
             epochs=cfg.train.epochs,
             fingerprint=self.fingerprint,
+            **self._test_samples(),
         )
+
+    def _test_samples(self) -> dict:
+        test_set = getattr(self.task, "test_set", None)
+        return {"test_samples": len(test_set)} if test_set is not None and hasattr(test_set, "__len__") else {}
+
+    def _build_optimization(self) -> tuple[torch.optim.Optimizer, object, dict[str, str]]:
+        """The optimizer and LR scheduler: the task's own, else the `optim` section's; and what
+        each schedule counts (epochs or optimizer steps)."""
+        configure = getattr(self.task, "configure_optimizers", None)
+        if configure is not None:
+            optimizer, scheduler = configure(self.model)
+            return optimizer, scheduler, {"scheduler": "epoch"}
+        optim = self.cfg.optim
+        optimizer = build_optimizer(optim, self.model)
+        interval = optim.scheduler.interval if optim.scheduler else "epoch"
+        return optimizer, build_scheduler(optim.scheduler, optimizer), {"scheduler": interval}
 
     # -- state -----------------------------------------------------------------------------
 
@@ -93,31 +136,18 @@ class Trainer:
             "format_version": FORMAT_VERSION,
             "kind": kind,
             **self.progress.state_dict(),  # epoch, step_in_epoch, global_step, metrics, history
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "data": self.data.sampler.state_dict(),
-            "rng": RNGState.state_dict(),
-            "config": self.cfg.flat(),
+            **self.registry.state_dict(),
+            "config": self.settings,
             "fingerprint": self.fingerprint,
-            "cpu_threads": self.cpu_threads,
+            "cpu_threads": torch.get_num_threads(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.progress.load_state_dict(state)
-        self.model.load_state_dict(state["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.data.sampler.load_state_dict(state["data"])
-        RNGState.load_state_dict(state["rng"])
+        self.registry.load_state_dict(state)
 
     def _position(self) -> dict:
-        p = self.progress
-        return {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
-
-    def _state_key(self) -> tuple[int, int]:
-        return self.progress.epoch, self.progress.global_step
+        return self.reporter.position()
 
     def _step_limit_reached(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -129,87 +159,22 @@ class Trainer:
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self) -> None:
-        removed = self.store.remove_temp_files()
-        if removed:
-            self.log.info("temp_files_removed", files=[p.name for p in removed])
-        schema = self._checkpoint_schema()
-
-        def validate(entry: Entry) -> None:
-            # A config change is the person's to undo (exit 78, the file kept); a file whose content
-            # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
-            self._check_compatible(entry)
-            schema.check(entry.state)
-
-        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
-        if entry is None:
-            self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
-            return
-        self._report_config_changes(entry)
-        self._keep_thread_count(entry)
-        self.load_state_dict(entry.state)
-        self.last_saved = self._state_key()
-        logged = self.store.last_logged_step()
-        # At least the steps logged past the checkpoint; none when a background save finished
-        # after the last line the dead run logged.
-        redone = {"steps_redone": max(0, logged - self.progress.global_step)} if logged is not None else {}
-        self.log.info("resumed", path=str(entry.path), kind=entry.kind, **self._position(), **redone)
+        if self.resumer.resume(self._checkpoint_schema(), self.load_state_dict, self._position):
+            self.saver.mark_on_disk()
 
     def _checkpoint_schema(self) -> CheckpointSchema:
         """What a checkpoint must hold to be loaded into this run's objects, taken from them."""
-        optim = self.cfg.optim
+        own_optimizer = hasattr(self.task, "configure_optimizers")
         return CheckpointSchema(
             template=self.state_dict("periodic"),
             parameters=[p for group in self.optimizer.param_groups for p in group["params"]],
-            builders=Builders(
-                optimizer=lambda module: build_optimizer(optim, module),
-                scheduler=lambda optimizer: build_scheduler(optim.scheduler, optimizer),
+            optimizer_probe=None if own_optimizer else probe_optimizer(lambda module: build_optimizer(self.cfg.optim, module)),
+            shape=RunShape(
+                steps_per_epoch=self.steps_per_epoch,
+                samples_per_step=self.cfg.train.batch_size * self.accum,
+                schedules=self.schedules,
             ),
-            steps_per_epoch=len(self.data.sampler),
         )
-
-    def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
-        self.log.warning(
-            "checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
-        )
-
-    def _config_changes(self, entry: Entry) -> dict[str, tuple]:
-        stored, current = entry.state["config"], self.cfg.flat()
-        return {
-            key: (stored.get(key), current.get(key))
-            for key in sorted(stored.keys() | current.keys())
-            if stored.get(key) != current.get(key)
-        }
-
-    def _check_compatible(self, entry: Entry) -> None:
-        changed = self._config_changes(entry)
-        breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
-        if breaking or entry.state["fingerprint"] != self.fingerprint:
-            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
-            raise IncompatibleCheckpoint(
-                f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
-                f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
-            )
-
-    def _report_config_changes(self, entry: Entry) -> None:
-        changed = self._config_changes(entry)
-        if changed:
-            self.log.warning(
-                "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
-            )
-
-    def _keep_thread_count(self, entry: Entry) -> None:
-        """A run keeps its intra-op thread count: sums split over another count round differently."""
-        trained_with = entry.state.get("cpu_threads")
-        if trained_with is None or trained_with == self.cpu_threads:
-            return
-        if self.cfg.train.cpu_threads is not None:
-            raise IncompatibleCheckpoint(
-                f"{entry.path} was trained with {trained_with} CPU threads, train.cpu_threads is {self.cpu_threads}: "
-                f"a different count rounds differently. Set train.cpu_threads to {trained_with}, or to null "
-                f"(the count the run started with), or set checkpoint.dir to an empty directory to start afresh."
-            )
-        torch.set_num_threads(trained_with)
-        self.cpu_threads = trained_with
 
     def _log_determinism(self) -> None:
         cuda = {}
@@ -224,6 +189,7 @@ class Trainer:
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
             torch_version=torch.__version__,
             cpu_wait=self.cfg.train.cpu_wait,
+            precision=self.cfg.train.precision,
             **threads.in_force(),
             **cuda,
         )
@@ -241,15 +207,14 @@ class Trainer:
                 f"false to run anyway, knowing that a resumed run is then no longer bitwise equal to an unbroken one."
             ) from None
         finally:
-            if self.writer:
-                self.writer.close()
+            self.saver.close()
 
     def _run(self) -> ExitCode:
         self.resume()
         self._log_determinism()
         # READY even when there is nothing left to do: under Type=notify, a clean exit before
         # READY=1 would count as a failed start.
-        self.notifier.ready(self._status_text())
+        self.notifier.ready(self.reporter.status_text())
         epochs = self.cfg.train.epochs
         if self._finished():
             self.log.info("training_already_complete", epochs=epochs, max_steps=self.cfg.train.max_steps, **self._position())
@@ -260,37 +225,65 @@ class Trainer:
             return self._stop()
 
         self.model.train()
-        sampler = self.data.sampler
-        self._progress_at, self._progress_step = time.monotonic(), self.progress.global_step
+        self.reporter.start()
         while not self._finished():
-            epoch_started = time.monotonic()
-            steps_before = self.progress.step_in_epoch
-            if sampler.epoch != self.progress.epoch:
-                sampler.set_epoch(self.progress.epoch)
-            sampler.start_at(self.progress.step_in_epoch)
-            # Past this event a stop is acted on after a step, never before the first one.
-            self.log.info("epoch_started", **self._position(), steps_in_epoch=len(sampler))
-            for images, labels in self._batches():
-                self._train_step(images, labels)
-                outcome = self._after_step()
-                if outcome is not None:
-                    return outcome
-                if self._step_limit_reached() and self.progress.step_in_epoch < len(sampler):
-                    break  # train.max_steps, mid-epoch
-            else:
-                self._complete_epoch(epoch_started, self.progress.step_in_epoch - steps_before)
+            outcome = self._train_epoch()
+            if outcome is not None:
+                return outcome
             # A stop that arrives during the last evaluation or the final save finds nothing left to do.
             if self.signals.stop_requested and not self._finished():
                 return self._stop()
         return self._complete()
 
+    def _train_epoch(self) -> ExitCode | None:
+        """The epoch in flight from its next step: an exit code when a signal ended the run."""
+        sampler = self.data.sampler
+        epoch_started = time.monotonic()
+        steps_before = self.progress.step_in_epoch
+        if sampler.epoch != self.progress.epoch:
+            sampler.set_epoch(self.progress.epoch)
+        first_batch = self.progress.step_in_epoch * self.accum
+        sampler.start_at(first_batch)
+        # Past this event a stop is acted on after a step, never before the first one.
+        self.log.info("epoch_started", **self._position(), steps_in_epoch=self.steps_per_epoch)
+        batches, in_step = len(sampler), 0
+        for index, batch in enumerate(self._batches(), start=first_batch):
+            share = min(self.accum, batches - (index - in_step))  # this optimizer step's batches
+            if self.device.type != "cpu":
+                batch = map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
+            loss, metrics = self.stepper.accumulate(batch, share)
+            self.progress.record_batch(loss, sampler.batch_length(index), metrics)
+            in_step += 1
+            if in_step < share:
+                continue
+            in_step = 0
+            self._optimizer_step()
+            outcome = self._after_step()
+            if outcome is not None:
+                return outcome
+            if self._step_limit_reached() and self.progress.step_in_epoch < self.steps_per_epoch:
+                return None  # train.max_steps, mid-epoch
+        self._complete_epoch(epoch_started, self.progress.step_in_epoch - steps_before)
+        return None
+
+    def _optimizer_step(self) -> None:
+        self.stepper.step()
+        self.progress.record_step()
+        if self.warmup:
+            self.warmup.step()
+        if self.scheduler and self.schedules["scheduler"] == "step":
+            self.scheduler.step()
+        self.notifier.watchdog()
+
     def _complete(self) -> ExitCode:
-        self._save("final", wait=True)  # mid-epoch at train.max_steps; the epoch end saved it otherwise
+        self.saver.save("final", wait=True)  # mid-epoch at train.max_steps; the epoch end saved it otherwise
         for event in self.signals.unreported_stops():
             self.log.info("signal_received", signal=event.name, during="completion", **self._position())
-        accuracy = self.progress.history[-1]["test_accuracy"] if self.progress.history else None
-        self.log.info("training_completed", **self._position(), test_accuracy=accuracy)
-        self.notifier.stopping("training complete" + (f": test accuracy {accuracy:.4f}" if accuracy is not None else ""))
+        headline = self.progress.headline()
+        self.log.info("training_completed", **self._position(), **headline)
+        name = headline["headline"]
+        shown = f": {name.replace('_', ' ')} {headline[name]:.4f}" if name else ""
+        self.notifier.stopping("training complete" + shown)
         return ExitCode.COMPLETE
 
     def _batches(self):
@@ -299,99 +292,56 @@ class Trainer:
                 return iter(self.data.loader)
         return iter(self.data.loader)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        loss = F.cross_entropy(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.progress.record_step(loss, len(labels))
-        self.notifier.watchdog()
-
     def _after_step(self) -> ExitCode | None:
         """The safe point after each step: act on signals, save when due, report progress."""
         if self.signals.stop_requested:
             return self._stop()
-        if self.writer:
-            self._report_saves(self.writer.poll())
+        self.saver.poll()
         if self.signals.take_save_request():
-            self._save("on_demand", wait=True)
+            self.saver.save("on_demand", wait=True)
         elif self._periodic_save_due():
-            self._save("periodic", wait=False)
-        self._report_progress_if_due()
+            self.saver.save("periodic", wait=False)
+        self.reporter.report_if_due()
         return None
 
     def _periodic_save_due(self) -> bool:
-        if self.progress.step_in_epoch == len(self.data.sampler) or self._step_limit_reached():
+        if self.progress.step_in_epoch == self.steps_per_epoch or self._step_limit_reached():
             return False  # the epoch or final checkpoint follows at once
-        every_steps, every_seconds = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_seconds
-        return bool(every_steps and self.progress.global_step % every_steps == 0) or bool(
-            every_seconds and time.monotonic() - self.last_saved_at >= every_seconds
-        )
+        return self.saver.periodic_due()
 
     def _complete_epoch(self, started: float, steps: int) -> None:
         train_seconds = time.monotonic() - started
-        accuracy = self.evaluate()
-        if self.scheduler:
+        evaluation = self.evaluate()
+        if self.scheduler and self.schedules["scheduler"] == "epoch":
             self.scheduler.step()
-        entry = self.progress.complete_epoch(test_accuracy=accuracy)
-        self._save("final" if self._finished() else "epoch", wait=True)
+        entry = self.progress.complete_epoch(evaluation)
+        self.saver.save("final" if self._finished() else "epoch", wait=True)
         self.log.info(
             "epoch_completed",
             **self._position(),  # epoch: epochs completed, this one included
-            train_loss=entry["train_loss"],
-            test_accuracy=accuracy,
+            **{key: value for key, value in entry.items() if key != "epoch"},
+            headline=next(iter(evaluation), "train_loss"),
             seconds=round(train_seconds, 3),
             steps_per_s=round(steps / train_seconds, 1) if train_seconds > 0 else None,
         )
-        self.notifier.status(self._status_text())
+        self.notifier.status(self.reporter.status_text())
 
-    @torch.inference_mode()
-    def evaluate(self) -> float:
-        """Test accuracy as a fraction. Draws no random numbers, so it cannot disturb exactness."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's evaluation, the model in eval mode and no gradients. Draws no random numbers
+        (the task's contract), so it cannot disturb exactness."""
         self.model.eval()
-        images, labels = self.test_set.images, self.test_set.labels
-        correct = 0
-        batch = self.cfg.train.eval_batch_size
-        for start in range(0, len(labels), batch):
-            x = to_float(images[start : start + batch]).to(self.device)
-            y = labels[start : start + batch].to(self.device)
-            correct += (self.model(x).argmax(dim=1) == y).sum().item()
-        self.model.train()
-        return correct / len(labels)
+        try:
+            with torch.inference_mode():
+                metrics = dict(self.task.evaluate(self.model))
+        finally:
+            self.model.train()
+        clashing = [name for name in metrics if not isinstance(name, str) or name == "epoch" or name.startswith("train_")]
+        if clashing:
+            raise ConfigError(f"task.entry: {self.cfg.task.entry} evaluates metrics named {clashing}: 'epoch' and "
+                              f"'train_*' are the daemon's own (the epoch, and the training metrics averaged over it)")  # fmt: skip
+        return {name: float(value) for name, value in metrics.items()}
 
-    # -- saving ----------------------------------------------------------------------------
-
-    def _save(self, kind: str, wait: bool) -> None:
-        """Checkpoint the current step. `wait`: durable on return; else written in the background."""
-        if self._state_key() == self.last_saved:
-            return  # this exact state is already on disk
-        self.last_saved, self.last_saved_at = self._state_key(), time.monotonic()
-        if self.writer is None or wait:
-            done = self.writer.drain() if self.writer else []
-            done.append(self.store.save(self.state_dict(kind)))
-            self._report_saves(done)
-            self.store.prune()  # once the save is reported durable: a stop should not wait for it
-            return
-        started = time.perf_counter()
-        finished = self.writer.submit(self.state_dict(kind))
-        self._report_saves(finished)
-        self.log.debug("checkpoint_snapshot", kind=kind, stall_ms=round((time.perf_counter() - started) * 1e3, 2))
-
-    def _report_saves(self, results: list[SaveResult]) -> None:
-        for result in results:
-            self.last_save_ms = result.duration_ms
-            self.store.mark_logged_step(max(result.global_step, self.progress.global_step))
-            self.log.info(
-                "checkpoint_saved",
-                kind=result.kind,
-                path=str(result.path),
-                bytes=result.bytes,
-                duration_ms=round(result.duration_ms, 2),
-                checkpoint_global_step=result.global_step,
-                **self._position(),
-            )
+    # -- stopping --------------------------------------------------------------------------
 
     def _stop(self) -> ExitCode:
         for event in self.signals.unreported_stops():
@@ -402,37 +352,14 @@ class Trainer:
                 **self._position(),
             )
         # Ask systemd for room in its stop timeout, should this save be slow.
-        self.notifier.extend_timeout(10 + 4 * self.last_save_ms / 1e3)
+        self.notifier.extend_timeout(10 + 4 * self.saver.last_save_ms / 1e3)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
-        if self._state_key() == self.last_saved:
-            if self.writer:
-                self._report_saves(self.writer.drain())
+        if self.saver.up_to_date:
+            self.saver.drain()
             self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())
         else:
-            self._save("emergency", wait=True)
+            self.saver.save("emergency", wait=True)
         for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
             self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
         self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())
         return ExitCode.STOPPED
-
-    def _report_progress_if_due(self) -> None:
-        now = time.monotonic()
-        if now - self._progress_at < self.cfg.log.progress_every_seconds:
-            return
-        rate = (self.progress.global_step - self._progress_step) / (now - self._progress_at)
-        self._progress_at, self._progress_step = now, self.progress.global_step
-        loss = self.progress.mean_loss()
-        self.store.mark_logged_step(self.progress.global_step)
-        self.log.info(
-            "progress",
-            **self._position(),
-            steps_in_epoch=len(self.data.sampler),
-            loss=round(loss, 5),
-            steps_per_s=round(rate, 1),
-        )
-        self.notifier.status(self._status_text(loss))
-
-    def _status_text(self, loss: float | None = None) -> str:
-        p = self.progress
-        text = f"epoch {p.epoch + 1}/{self.cfg.train.epochs} step {p.step_in_epoch}/{len(self.data.sampler)}"
-        return text + (f" loss {loss:.4f}" if loss is not None else "")

@@ -26,19 +26,22 @@ from daemon.child import TrainerChild
 from daemon.errors import ExitCode, TrainerError
 
 # What a resumed run must reproduce. Left out: `kind`, and `config` (its checkpoint.dir differs).
-TRAINING_STATE = (
-    "global_step", "epoch", "step_in_epoch", "state_dict", "optimizer", "scheduler", "data", "rng", "metrics",
-    "history", "fingerprint",
-)  # fmt: skip
+# What a checkpoint holds besides the training state: which save wrote it, and the settings the run
+# had (a resumed run may change the resume-safe ones; the fingerprint covers the others).
+NOT_TRAINING_STATE = ("kind", "config")
+# Compared last: they follow from the parameters, which say more about where two runs part.
+DERIVED_STATE = ("metrics", "history")
 CHECKPOINTS_PER_RUN = 10  # periodic saves over the horizon: where the runs parted is known to a tenth
 SILENCE_S = 600  # a child that logs nothing for this long is stuck (a big model's save can take a while)
 
 
 def first_difference(actual, expected, where: str = "") -> str | None:
     """The path of the first leaf where two checkpoint states differ (tensors compared bitwise,
-    dtype and shape included), or None. Top level: the TRAINING_STATE keys, in that order."""
+    dtype and shape included), or None. Top level: every key but NOT_TRAINING_STATE."""
     if not where:
-        for key in TRAINING_STATE:
+        keys = [*expected, *(key for key in actual if key not in expected)]
+        keys.sort(key=lambda key: key in DERIVED_STATE)  # stable: otherwise in the checkpoint's order
+        for key in (key for key in keys if key not in NOT_TRAINING_STATE):
             found = first_difference(actual.get(key), expected.get(key), key)
             if found:
                 return found
