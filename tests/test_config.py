@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from daemon.config import Config
+from daemon.config import Config, exactness_fingerprint
 
 CASES = {
     "not yaml": ("data: [unclosed\n", [], "not valid YAML"),
@@ -145,5 +145,7 @@ def test_fingerprint_ignores_resume_safe_settings_only():
     unsafe = Config()
     unsafe.train.batch_size = 50
 
-    assert safe.exactness_fingerprint() == base.exactness_fingerprint()
-    assert unsafe.exactness_fingerprint() != base.exactness_fingerprint()
+    assert exactness_fingerprint(safe.flat()) == exactness_fingerprint(base.flat())
+    assert exactness_fingerprint(unsafe.flat()) != exactness_fingerprint(base.flat())
+    other_task = {**base.flat(), "task.entry": "examples/mnist_cnn.py:build"}
+    assert exactness_fingerprint(other_task) != exactness_fingerprint(base.flat())

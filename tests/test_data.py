@@ -16,7 +16,7 @@ def test_batches_are_bitwise_what_totensor_gives(mnist_root):
     fast = load_mnist(DataConfig(root=str(mnist_root)), train=True)
     indices = [0, 7, 59_999, 31_337]
 
-    images, labels = fast.__getitems__(indices)
+    images, labels = fast.batch(torch.tensor(indices))
 
     expected = torch.stack([reference[i][0].reshape(-1) for i in indices])
     assert torch.equal(images, expected)

@@ -85,6 +85,7 @@ def test_store_reports_the_original_error_not_the_clean_up_one(tmp_path, can_mou
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from daemon.checkpoint import CheckpointStore
         from daemon.errors import CheckpointWriteError
+        from daemon.progress import LoggedStep
         from test_checkpoint_store import make_state
         store = CheckpointStore(Path({str(tmp_path)!r}), keep_last=1)
         results = {{}}
@@ -92,7 +93,7 @@ def test_store_reports_the_original_error_not_the_clean_up_one(tmp_path, can_mou
             "save": lambda: store.save(make_state(5)),
             "remove_temp_files": store.remove_temp_files,
             "newest_valid": lambda: store.newest_valid(on_invalid=lambda *_: None),
-            "mark_logged_step": lambda: store.mark_logged_step(5),
+            "mark_logged_step": lambda: LoggedStep(store.directory).mark(5),
         }}.items():
             try:
                 attempt()

@@ -1,0 +1,76 @@
+"""A tiny task of the tests' own: a two-layer net on a fixed random regression problem, with
+augmentation noise drawn while fetching samples, a step metric, and state of its own (an
+exponential moving average of the weights). Options: `fail_at_step` raises in training_step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from daemon.task import TaskContext
+
+FEATURES = 16
+
+
+class NoisySamples(Dataset):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        # Drawn from the global RNG while fetching: the daemon seeds it for each sample.
+        noise = 0.05 * torch.randn(FEATURES)
+        return {"x": self.inputs[index] + noise, "y": self.targets[index]}
+
+
+class TinyTask:
+    version = "1"
+
+    def __init__(self, context: TaskContext) -> None:
+        options = {"samples": 480, "fail_at_step": None, **context.options}
+        generator = torch.Generator().manual_seed(1234)  # the problem, fixed whatever train.seed is
+        inputs = torch.randn(options["samples"], FEATURES, generator=generator)
+        targets = inputs @ torch.randn(FEATURES, 1, generator=generator) + 0.1
+        self.train_set = NoisySamples(inputs, targets)
+        self.test = (inputs[:100], targets[:100])
+        self.model = nn.Sequential(nn.Linear(FEATURES, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        self.average = [p.detach().clone() for p in self.model.parameters()]
+        self.fail_at_step = options["fail_at_step"]
+        self.steps = 0
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        if self.steps == self.fail_at_step:
+            raise ValueError("the tiny task fails on purpose")
+        self.steps += 1
+        prediction = model(batch["x"])
+        loss = F.mse_loss(prediction.float(), batch["y"])
+        with torch.no_grad():
+            for average, parameter in zip(self.average, model.parameters()):
+                average.lerp_(parameter.detach().float(), 0.1)
+        return loss, {"abs_error": (prediction.float() - batch["y"]).abs().mean()}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        inputs, targets = self.test
+        return {"test_mse": F.mse_loss(model(inputs).float(), targets).item()}
+
+    def state_dict(self) -> dict:
+        return {"average": [tensor.clone() for tensor in self.average], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average = [tensor.clone() for tensor in state["average"]]
+        self.steps = state["steps"]
+
+
+def build(context: TaskContext) -> TinyTask:
+    return TinyTask(context)
+
+
+def build_incomplete(context: TaskContext) -> TinyTask:
+    """Not a task: its model is missing."""
+    task = TinyTask(context)
+    del task.model
+    return task
