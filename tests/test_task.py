@@ -86,6 +86,17 @@ def test_accumulation_clipping_bf16_and_warmup_resume_exactly(run_config, refere
     assert set(reference["history"][-1]) == {"epoch", "test_mse", "train_loss", "train_abs_error"}
 
 
+def test_a_tasks_own_optimizer_and_scheduler_resume_exactly(run_config, reference_runs):
+    settings = {**TINY, "task.options": {"own_optimizer": True}, "optim.warmup_steps": 0, "optim.scheduler": None}
+    run_config.settings = settings
+    stop_then_finish(run_config, "SIGTERM", after_step=4)
+
+    reference = reference_runs(**settings)
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference)
+    assert reference["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert reference["scheduler"]["last_epoch"] == 2  # stepped per epoch
+
+
 def test_events_name_the_headline_metric_and_the_step_metrics(run_config):
     run_config.settings = {**TINY, "train.epochs": 1}
     run = run_to_end(run_config)

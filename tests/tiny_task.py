@@ -1,6 +1,7 @@
 """A tiny task of the tests' own: a two-layer net on a fixed random regression problem, with
 augmentation noise drawn while fetching samples, a step metric, and state of its own (an
-exponential moving average of the weights). Options: `fail_at_step` raises in training_step."""
+exponential moving average of the weights). Options: `fail_at_step` raises in training_step;
+`own_optimizer` gives it configure_optimizers (momentum SGD, a StepLR per epoch)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class TinyTask:
     version = "1"
 
     def __init__(self, context: TaskContext) -> None:
-        options = {"samples": 480, "fail_at_step": None, **context.options}
+        options = {"samples": 480, "fail_at_step": None, "own_optimizer": False, **context.options}
         generator = torch.Generator().manual_seed(1234)  # the problem, fixed whatever train.seed is
         inputs = torch.randn(options["samples"], FEATURES, generator=generator)
         targets = inputs @ torch.randn(FEATURES, 1, generator=generator) + 0.1
@@ -41,6 +42,13 @@ class TinyTask:
         self.average = [p.detach().clone() for p in self.model.parameters()]
         self.fail_at_step = options["fail_at_step"]
         self.steps = 0
+        if options["own_optimizer"]:  # the optional part: present only when asked for
+            self.configure_optimizers = self._momentum_sgd
+
+    @staticmethod
+    def _momentum_sgd(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         if self.steps == self.fail_at_step:
