@@ -133,7 +133,11 @@ class Ranks:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # DDP lays its gradient buckets out anew after the first backward, by the order in which the
+        # gradients became ready; a resumed process starts with the first layout again, and from 3
+        # ranks on another layout sums in another order. With find_unused_parameters DDP keeps its
+        # first layout for good: every process, fresh or resumed, reduces alike.
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
     def rank_keyed(self, part: Stateful) -> Stateful:
         return RankKeyed(part, self)
