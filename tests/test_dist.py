@@ -19,15 +19,30 @@ def ranks(nproc: int) -> dict:
     return {**SETTINGS, "dist.nproc_per_node": nproc}
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_sigterm_to_one_rank_stops_all_at_one_step_and_resumes_exactly(run_config, reference_runs, nproc):
+def kill_ranks(pids: list[int]) -> None:
+    """Ranks live in sessions of their own: a failed test must not leave them running."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize(
+    ("nproc", "target"),
+    [(2, "rank 1"), (3, "rank 1"), (2, "launcher")],  # rank 1 alone: neither the launcher nor rank 0 hears it
+)
+def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, reference_runs, nproc, target):
     run_config.settings = ranks(nproc)
     process = TrainerProcess.start(run_config)
     pids = process.wait_for("ranks_started")["pids"]
-    process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
-    os.kill(pids[1], signal.SIGTERM)  # rank 1 alone: neither the launcher nor rank 0 hears it
-
-    assert process.wait() == 75, process.output()
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
+        os.kill(pids[1] if target == "rank 1" else process.pid, signal.SIGTERM)
+        assert process.wait() == 75, process.output()
+    finally:
+        process.kill()
+        kill_ranks(pids)
     stopped = process.events("stopped")
     assert sorted(event["rank"] for event in stopped) == list(range(nproc)), process.output()
     assert len({event["global_step"] for event in stopped}) == 1, stopped
