@@ -67,3 +67,20 @@ def test_a_changed_world_size_is_refused(run_config):
     assert alone.wait() == 78, alone.output()
     (refused,) = alone.events("checkpoint_incompatible")
     assert "trained by 2 rank(s), this run has 1" in refused["message"]
+
+
+def test_sigkill_of_a_rank_restarts_the_group_which_finishes_exactly(run_config, reference_runs):
+    run_config.settings = {**ranks(2), "dist.max_restarts": 1}
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
+        os.kill(pids[1], signal.SIGKILL)
+        assert process.wait() == 0, process.output()
+    finally:
+        process.kill()
+        kill_ranks(pids)
+
+    assert process.events("ranks_restarting")
+    assert [e["rank"] for e in process.events("resumed")] == [0]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
