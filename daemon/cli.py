@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from daemon import logs
 from daemon.allocator import keep_freed_memory
@@ -51,10 +53,11 @@ def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
         return _status(cfg, as_json=args.json)
     if args.command == "verify":
         return _verify(args)
-    return _run(cfg, signals)
+    return _run(cfg, signals, sys.argv[1:] if argv is None else argv)
 
 
-def _run(cfg: Config, signals: SignalRecorder) -> int:
+def _run(cfg: Config, signals: SignalRecorder, argv: list[str]) -> int:
+    import contextlib
     from pathlib import Path
 
     log = logs.get()
@@ -62,7 +65,13 @@ def _run(cfg: Config, signals: SignalRecorder) -> int:
     threads = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
     keep_freed_memory()  # before torch allocates anything
     try:
-        with CrashLoopGuard(Path(cfg.checkpoint.dir)):  # before torch: a crash importing it counts
+        if cfg.dist.launches and "RANK" not in os.environ:  # not yet one of the ranks: start them
+            from daemon.launch import launch
+
+            return launch(cfg.dist, argv, signals, notifier)
+        # The checkpoint directory is rank 0's (or the single process's) alone.
+        writer = os.environ.get("RANK", "0") == "0"
+        with CrashLoopGuard(Path(cfg.checkpoint.dir)) if writer else contextlib.nullcontext():  # before torch: a crash importing it counts
             import torch
 
             from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place

@@ -165,6 +165,36 @@ class LogConfig:
         _require(self.progress_every_seconds > 0, "log.progress_every_seconds", "must be > 0")
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    # Processes on this machine, each a rank training its slice of every global batch (train.batch_size
+    # samples whatever the world size); 1: today's single process, no process group.
+    nproc_per_node: int = 1
+    nnodes: int = 1  # machines; each runs `trainer run` with the same config (README, "Several processes")
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous, the same on every node
+    max_restarts: int = 0  # restarts of the rank group after a rank crashed or was killed (not after a stop)
+    backend: str = "auto"  # "auto": gloo on the CPU, nccl on CUDA
+    timeout_seconds: float = 300.0  # a collective that waits longer for a rank fails the run instead of hanging it
+
+    def __post_init__(self) -> None:
+        _require(self.nproc_per_node >= 1, "dist.nproc_per_node", "must be >= 1")
+        _require(self.nnodes >= 1, "dist.nnodes", "must be >= 1")
+        _require(self.max_restarts >= 0, "dist.max_restarts", "must be >= 0")
+        _require(self.backend in BACKENDS, "dist.backend", f"must be one of {', '.join(BACKENDS)}")
+        _require(self.timeout_seconds > 0, "dist.timeout_seconds", "must be > 0")
+        host, sep, port = self.rdzv_endpoint.rpartition(":")
+        _require(bool(sep and host) and port.isdigit() and 0 < int(port) < 65536, "dist.rdzv_endpoint",
+                 f"{self.rdzv_endpoint!r} must be host:port")  # fmt: skip
+
+    @property
+    def launches(self) -> bool:
+        """Whether `trainer run` starts the ranks itself (through torch's elastic launcher)."""
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
 @dataclass(kw_only=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -174,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Config:
@@ -239,6 +270,7 @@ RESUME_SAFE_PREFIXES = (
     "train.eval_batch_size",
     "checkpoint.",
     "log.",
+    "dist.",  # how the ranks are started; the world size they make is checked on its own (daemon/resume.py)
 )
 
 

@@ -168,6 +168,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch = -1  # no order drawn yet
         self.order = torch.empty(0, dtype=torch.int32)
         self.start_batch = 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve this rank's share of each batch: the samples at `rank`, `rank + world_size`, ... of
+        the global batch. The order, and so the state, is the same for every world size."""
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
@@ -194,7 +200,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def index_batches(self) -> Iterator[torch.Tensor]:
         """The batches from the start batch on, as int32 index tensors (views of the order)."""
         for batch in range(self.start_batch, len(self)):
-            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size][self.rank :: self.world_size]
 
     def state_dict(self) -> dict:
         return {

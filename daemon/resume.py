@@ -18,7 +18,7 @@ from daemon.schema import CheckpointSchema
 class Resumer:
     def __init__(
         self, store: CheckpointStore, logged: LoggedStep, log, *, settings: dict, fingerprint: str,
-        cpu_threads_setting: int | None,
+        cpu_threads_setting: int | None, world_size: int,
     ) -> None:  # fmt: skip
         """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
         self.store = store
@@ -27,6 +27,7 @@ class Resumer:
         self.settings = settings
         self.fingerprint = fingerprint
         self.cpu_threads_setting = cpu_threads_setting
+        self.world_size = world_size
 
     def resume(self, schema: CheckpointSchema, load: Callable[[dict], None], position: Callable[[], dict]) -> Entry | None:
         """Load the newest usable checkpoint with `load`; None when there is none (a fresh start)."""
@@ -38,6 +39,7 @@ class Resumer:
             # A config change is the person's to undo (exit 78, the file kept); a file whose content
             # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
             self._check_compatible(entry)
+            self._check_world_size(entry)
             schema.check(entry.state)
 
         entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
@@ -76,6 +78,17 @@ class Resumer:
             raise IncompatibleCheckpoint(
                 f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
                 f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
+            )
+
+    def _check_world_size(self, entry: Entry) -> None:
+        """A run keeps its world size: each rank's RNGs are saved for its rank, and a batch split over
+        another count of ranks sums its gradients in another order."""
+        trained_with = entry.state.get("world_size", 1)
+        if trained_with != self.world_size:
+            raise IncompatibleCheckpoint(
+                f"{entry.path} was trained by {trained_with} rank(s), this run has {self.world_size}: "
+                f"it would not resume exactly. Start it with {trained_with} rank(s) (dist.nproc_per_node x "
+                f"dist.nnodes), or set checkpoint.dir to an empty directory to start afresh."
             )
 
     def _report_config_changes(self, entry: Entry) -> None:

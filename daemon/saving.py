@@ -13,13 +13,14 @@ from daemon.progress import LoggedStep, ProgressReporter
 
 class Saver:
     def __init__(
-        self, cfg: CheckpointConfig, store: CheckpointStore, state: Callable[[str], dict],
-        reporter: ProgressReporter, logged: LoggedStep, log,
+        self, cfg: CheckpointConfig, store: CheckpointStore, writer: BackgroundWriter | None,
+        state: Callable[[str], dict], reporter: ProgressReporter, logged: LoggedStep, log,
     ) -> None:  # fmt: skip
-        """`state(kind)`: the run's checkpoint content now."""
+        """`state(kind)`: the run's checkpoint content now; `writer`: writes periodic saves in the
+        background (None: every save is written before the loop goes on)."""
         self.cfg = cfg
         self.store = store
-        self.writer = BackgroundWriter(store) if cfg.async_save else None
+        self.writer = writer
         self.state = state
         self.reporter = reporter
         self.logged = logged
@@ -42,11 +43,15 @@ class Saver:
     def up_to_date(self) -> bool:
         return self._key() == self.last_saved
 
-    def periodic_due(self) -> bool:
-        every_steps, every_seconds = self.cfg.every_steps, self.cfg.every_seconds
-        return bool(every_steps and self.reporter.progress.global_step % every_steps == 0) or bool(
-            every_seconds and time.monotonic() - self.last_saved_at >= every_seconds
-        )
+    def due_by_steps(self) -> bool:
+        every_steps = self.cfg.every_steps
+        return bool(every_steps and self.reporter.progress.global_step % every_steps == 0)
+
+    def due_by_clock(self) -> bool:
+        """checkpoint.every_seconds has passed: a fact of this process's clock, which the ranks of a
+        run agree on before acting (daemon/dist.py)."""
+        every_seconds = self.cfg.every_seconds
+        return bool(every_seconds and time.monotonic() - self.last_saved_at >= every_seconds)
 
     def save(self, kind: str, wait: bool) -> None:
         """Checkpoint the current step. `wait`: durable on return; else written in the background."""

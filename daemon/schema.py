@@ -31,7 +31,7 @@ KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
 REQUIRED_KEYS = frozenset(
     {"format_version", "kind", "epoch", "step_in_epoch", "global_step", "metrics", "history", "config", "fingerprint"}
 )
-OPTIONAL_KEYS = frozenset({"cpu_threads"})  # added to the format later: checked when present
+OPTIONAL_KEYS = frozenset({"cpu_threads", "world_size"})  # added to the format later: checked when present
 NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
 # The settings of an LR scheduler's state that its progress does not change (step_size, gamma, base_lrs...).
 SCHEDULER_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"})
@@ -269,23 +269,32 @@ class CheckpointSchema:
 
     def _check_rng(self, rng: Any) -> None:
         live = self.live["rng"]
+        if "version" not in live:  # a run of several ranks: each rank's RNGs under its key (daemon/dist.py)
+            _require(isinstance(rng, dict) and rng.keys() == live.keys(), "rng", f"must hold the RNGs of {_listed(live)}")
+            first = live[min(live)]
+            for key in sorted(rng):
+                self._check_rng_of(rng[key], first, f"rng.{key}")
+            return
+        self._check_rng_of(rng, live, "rng")
+
+    def _check_rng_of(self, rng: Any, live: dict, where: str) -> None:
         template = {
             **live,
             "cuda": Rule(lambda value, where: _check_cuda_states(value, where, live["cuda"])),
             "python": {**live["python"], "gauss_next": Rule(_none_or_finite)},
         }
-        conform(rng, template, "rng")
-        _require(rng["version"] == live["version"], "rng.version", f"{rng['version']}, this trainer writes {live['version']}")
+        conform(rng, template, where)
+        _require(rng["version"] == live["version"], f"{where}.version", f"{rng['version']}, this trainer writes {live['version']}")
         try:  # torch's generator checks its own state; on a scratch one, the run's is untouched
             torch.Generator().set_state(rng["torch"])
         except RuntimeError as exc:
-            raise InvalidCheckpoint(f"rng.torch: {str(exc).splitlines()[0]}") from None
+            raise InvalidCheckpoint(f"{where}.torch: {str(exc).splitlines()[0]}") from None
         numpy = rng["numpy"]
-        _require(0 <= numpy["pos"] <= MT_WORDS, "rng.numpy.pos", f"{numpy['pos']} is outside 0..{MT_WORDS}")
-        _require(numpy["has_gauss"] in (0, 1), "rng.numpy.has_gauss", f"{numpy['has_gauss']}, must be 0 or 1")
-        _require(_words(numpy["keys"]), "rng.numpy.keys", "are not 32-bit words")
+        _require(0 <= numpy["pos"] <= MT_WORDS, f"{where}.numpy.pos", f"{numpy['pos']} is outside 0..{MT_WORDS}")
+        _require(numpy["has_gauss"] in (0, 1), f"{where}.numpy.has_gauss", f"{numpy['has_gauss']}, must be 0 or 1")
+        _require(_words(numpy["keys"]), f"{where}.numpy.keys", "are not 32-bit words")
         python = rng["python"]["state"]
-        _require(_words(python[:-1]) and 0 <= int(python[-1]) <= MT_WORDS, "rng.python.state", "is not a Mersenne Twister state")
+        _require(_words(python[:-1]) and 0 <= int(python[-1]) <= MT_WORDS, f"{where}.python.state", "is not a Mersenne Twister state")
 
 
 def _metrics_of(entry: Any) -> dict:

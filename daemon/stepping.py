@@ -17,11 +17,15 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Stepper:
-    def __init__(self, task: Task, optimizer: torch.optim.Optimizer, cfg: TrainConfig, clip_grad_norm: float | None, device: torch.device) -> None:
+    def __init__(
+        self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+        clip_grad_norm: float | None, device: torch.device,
+    ) -> None:  # fmt: skip
+        """`model`: the task's model as the steps run it (wrapped by DDP when there are several ranks)."""
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ConfigError(f"train.precision: fp16 needs CUDA (its loss scaling is CUDA's), the run is on {device}; use bf16")
         self.task = task
-        self.model: nn.Module = task.model
+        self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         dtype = AUTOCAST_DTYPES.get(cfg.precision)

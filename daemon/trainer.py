@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from daemon import lock, logs, threads
+from daemon import dist, lock, logs, threads
 from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, exactness_fingerprint
 from daemon.data import build_train_data, map_tensors
@@ -48,7 +48,9 @@ class Trainer:
         self.signals = signals
         self.notifier = notifier
         self.log = logs.get()
-        self.device = resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
+        self.dist = dist.join(cfg.dist, device)  # a rank of a process group, when a launcher started one
+        self.device = self.dist.place(device)
         if cfg.train.deterministic:
             # cuBLAS is bitwise reproducible only with a fixed workspace (set before CUDA starts).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -59,15 +61,17 @@ class Trainer:
         context = TaskContext(options=cfg.task.options, device=self.device, config=cfg)
         self.task = build_task(cfg.task.entry, context)
         self.model = self.task.model.to(self.device)
+        self.dist.reseed(cfg.train.seed)
         self.optimizer, self.scheduler, schedules = self._build_optimization()
         self.warmup = build_warmup(cfg.optim.warmup_steps, self.optimizer)
-        self.stepper = Stepper(self.task, self.optimizer, cfg.train, cfg.optim.clip_grad_norm, self.device)
-        # Once the config has proved buildable, before anything touches the directory.
-        self._lock = lock.acquire(Path(cfg.checkpoint.dir))
+        self.stepper = Stepper(self.task, self.dist.wrap(self.model), self.optimizer, cfg.train, cfg.optim.clip_grad_norm, self.device)
+        # Once the config has proved buildable, before anything touches the directory (rank 0's alone).
+        self._lock = lock.acquire(Path(cfg.checkpoint.dir)) if self.dist.is_writer else None
 
         train_set = self.task.train_set
         collate = getattr(self.task, "collate_fn", None)
         self.data = build_train_data(train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, self.device.type == "cuda", collate)
+        self.data.sampler.shard(self.dist.rank, self.dist.world_size)
         self.accum = cfg.train.grad_accum_steps
         self.steps_per_epoch = -(-len(self.data.sampler) // self.accum)
         self.progress = TrainProgress().to(self.device)
@@ -84,7 +88,7 @@ class Trainer:
         if self.stepper.scaler:
             self.registry.register("grad_scaler", self.stepper.scaler)
         self.registry.register("data", self.data.sampler)
-        self.registry.register("rng", RNGState())
+        self.registry.register("rng", self.dist.rank_keyed(RNGState()))
         if has_state(self.task):
             self.registry.register("task", self.task)
         self.schedules = {**schedules, **({"warmup": "step"} if self.warmup else {})}
@@ -95,10 +99,11 @@ class Trainer:
             self.log, notifier, self.progress, logged, every_seconds=cfg.log.progress_every_seconds,
             steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
         )  # fmt: skip
-        self.saver = Saver(cfg.checkpoint, store, self.state_dict, self.reporter, logged, self.log)
+        writer = self.dist.writer(store) if cfg.checkpoint.async_save else None
+        self.saver = Saver(cfg.checkpoint, self.dist.store(store), writer, self.state_dict, self.reporter, logged, self.log)
         self.resumer = Resumer(
             store, logged, self.log, settings=self.settings, fingerprint=self.fingerprint,
-            cpu_threads_setting=cfg.train.cpu_threads,
+            cpu_threads_setting=cfg.train.cpu_threads, world_size=self.dist.world_size,
         )  # fmt: skip
         self.log.info(
             "run_started",
@@ -140,6 +145,7 @@ class Trainer:
             "config": self.settings,
             "fingerprint": self.fingerprint,
             "cpu_threads": torch.get_num_threads(),
+            "world_size": self.dist.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -159,7 +165,8 @@ class Trainer:
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self) -> None:
-        if self.resumer.resume(self._checkpoint_schema(), self.load_state_dict, self._position):
+        schema = self._checkpoint_schema()  # on every rank: its template gathers the ranks' state
+        if self.dist.resume(lambda load: self.resumer.resume(schema, load, self._position), self.load_state_dict):
             self.saver.mark_on_disk()
 
     def _checkpoint_schema(self) -> CheckpointSchema:
@@ -208,6 +215,7 @@ class Trainer:
             ) from None
         finally:
             self.saver.close()
+            self.dist.close(self.log)
 
     def _run(self) -> ExitCode:
         self.resume()
@@ -221,7 +229,7 @@ class Trainer:
             self.notifier.stopping("training already complete")
             return ExitCode.COMPLETE
         # A stop asked for during start-up: nothing was trained since the newest checkpoint.
-        if self.signals.stop_requested:
+        if self.dist.stop_agreed(self.signals.stop_requested):
             return self._stop()
 
         self.model.train()
@@ -231,7 +239,7 @@ class Trainer:
             if outcome is not None:
                 return outcome
             # A stop that arrives during the last evaluation or the final save finds nothing left to do.
-            if self.signals.stop_requested and not self._finished():
+            if self.dist.stop_agreed(self.signals.stop_requested) and not self._finished():
                 return self._stop()
         return self._complete()
 
@@ -293,21 +301,32 @@ class Trainer:
         return iter(self.data.loader)
 
     def _after_step(self) -> ExitCode | None:
-        """The safe point after each step: act on signals, save when due, report progress."""
-        if self.signals.stop_requested:
+        """The safe point after each step: act on the requests every rank agreed on, save when due,
+        report progress."""
+        requests = self.dist.agree(self._requests)
+        if requests.stop:
             return self._stop()
         self.saver.poll()
-        if self.signals.take_save_request():
+        if requests.save:
             self.saver.save("on_demand", wait=True)
-        elif self._periodic_save_due():
+        elif self._periodic_save_due(requests.periodic):
             self.saver.save("periodic", wait=False)
+        self.dist.post(self._requests)
         self.reporter.report_if_due()
         return None
 
-    def _periodic_save_due(self) -> bool:
+    def _requests(self) -> dist.Requests:
+        """This process's pending requests (a SIGUSR1 is consumed: several make one checkpoint)."""
+        return dist.Requests(
+            stop=self.signals.stop_requested,
+            save=self.signals.take_save_request() is not None,
+            periodic=self.saver.due_by_clock(),
+        )
+
+    def _periodic_save_due(self, by_clock: bool) -> bool:
         if self.progress.step_in_epoch == self.steps_per_epoch or self._step_limit_reached():
             return False  # the epoch or final checkpoint follows at once
-        return self.saver.periodic_due()
+        return self.saver.due_by_steps() or by_clock
 
     def _complete_epoch(self, started: float, steps: int) -> None:
         train_seconds = time.monotonic() - started

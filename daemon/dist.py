@@ -1,0 +1,301 @@
+"""One rank of a run trained by several processes: the process group, the agreement on stop and
+save requests at step boundaries, state that each rank keeps for itself, and the checkpoint as every
+rank sees it (rank 0 reads and writes it; no rank goes on before a save is durable).
+
+A process started without RANK in its environment trains alone: `Solo` has the same interface and
+does nothing collective, so the loop has one shape for both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from daemon.checkpoint import BackgroundWriter, CheckpointStore, SaveResult
+from daemon.config import DistConfig
+from daemon.errors import TrainerError
+from daemon.registry import Stateful
+from daemon.state import RNGState
+
+RANK_KEY = "rank_{}"  # the key of one rank's entry in rank-keyed state
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What the loop is asked to do at a step boundary."""
+
+    stop: bool = False  # SIGTERM/SIGINT: emergency checkpoint and exit
+    save: bool = False  # SIGUSR1: a checkpoint now, then go on
+    periodic: bool = False  # checkpoint.every_seconds has passed (by some rank's clock)
+
+    def __or__(self, other: Requests) -> Requests:
+        return Requests(stop=self.stop or other.stop, save=self.save or other.save, periodic=self.periodic or other.periodic)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.stop, self.save, self.periodic], dtype=torch.uint8)
+
+    @classmethod
+    def from_tensor(cls, flags: torch.Tensor) -> Requests:
+        stop, save, periodic = (bool(flag) for flag in flags.tolist())
+        return cls(stop=stop, save=save, periodic=periodic)
+
+
+def rank_from_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) as torchrun and the elastic agent set them; None alone."""
+    if "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def seed_for_rank(seed: int, rank: int) -> int:
+    """Each rank's own stream for what a step draws (dropout): the same masks on every rank's
+    slice would correlate them. Rank 0 keeps the configured seed."""
+    return (seed + rank) % 2**32
+
+
+class Solo:
+    """A run of one process."""
+
+    rank = 0
+    world_size = 1
+    is_writer = True
+
+    def place(self, device: torch.device) -> torch.device:
+        return device
+
+    def reseed(self, seed: int) -> None:
+        pass
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def rank_keyed(self, part: Stateful) -> Stateful:
+        return part
+
+    def store(self, store: CheckpointStore) -> CheckpointStore:
+        return store
+
+    def writer(self, store: CheckpointStore) -> BackgroundWriter:
+        return BackgroundWriter(store)
+
+    def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
+        return resume(load) is not None
+
+    def agree(self, local: Callable[[], Requests]) -> Requests:
+        return local()
+
+    def post(self, local: Callable[[], Requests]) -> None:
+        pass
+
+    def stop_agreed(self, stop: bool) -> bool:
+        return stop
+
+    def close(self, log) -> None:
+        pass
+
+
+class Ranks:
+    """This process as one rank of a process group that the elastic launcher (or torchrun) started."""
+
+    is_writer: bool
+
+    def __init__(self, cfg: DistConfig, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.is_writer = rank == 0
+        structlog.contextvars.bind_contextvars(rank=rank)  # every event says which rank logged it
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
+        dist.init_process_group(backend, timeout=timeout)
+        # The agreement, gathers and broadcasts of the daemon's own run over gloo, in a group of their
+        # own: a flag never waits behind gradient buckets, and stays on the CPU under NCCL.
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        self.agreement = Agreement(self.group)
+
+    def place(self, device: torch.device) -> torch.device:
+        """One CUDA device per rank on its node; the CPU is shared."""
+        if device.type != "cuda":
+            return device
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+    def reseed(self, seed: int) -> None:
+        """After the model's initialisation (the same on every rank): each rank's own stream from here."""
+        RNGState.seed_all(seed_for_rank(seed, self.rank))
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        # DDP lays its gradient buckets out anew after the first backward, by the order in which the
+        # gradients became ready; a resumed process starts with the first layout again, and from 3
+        # ranks on another layout sums in another order. With find_unused_parameters DDP keeps its
+        # first layout for good: every process, fresh or resumed, reduces alike.
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+    def rank_keyed(self, part: Stateful) -> Stateful:
+        return RankKeyed(part, self)
+
+    def store(self, store: CheckpointStore) -> CheckpointStore:
+        return RankZeroStore(store, self)
+
+    def writer(self, store: CheckpointStore) -> BackgroundWriter | NoWriter:
+        return BackgroundWriter(store) if self.is_writer else NoWriter()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank; an error rank 0 met is raised on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        if isinstance(box[0], TrainerError):
+            raise box[0]
+        return box[0]
+
+    def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
+        """Rank 0 finds, checks and loads the newest usable checkpoint (`resume(load)`); the others
+        load what it sends them, so the checkpoint directory need not be shared between nodes."""
+        loaded: list[dict] = []
+        outcome: Any = None
+        if self.is_writer:
+            try:
+                resume(lambda state: (load(state), loaded.append(state)))
+                outcome = loaded[0] if loaded else None
+            except TrainerError as exc:  # the same error, and exit code, on every rank
+                outcome = exc
+        state = self.broadcast(outcome)
+        if state is not None and not self.is_writer:
+            load(state)
+        return state is not None
+
+    def agree(self, local: Callable[[], Requests]) -> Requests:
+        return self.agreement.settle()
+
+    def post(self, local: Callable[[], Requests]) -> None:
+        self.agreement.post(local())
+
+    def stop_agreed(self, stop: bool) -> bool:
+        return self.agreement.stop_agreed(stop)
+
+    def close(self, log) -> None:
+        log.info("agreement_cost", **self.agreement.cost())
+
+
+class Agreement:
+    """The ranks' pending requests, combined by one small all_reduce (MAX) per step boundary.
+
+    The flags a rank holds after acting at one boundary are posted asynchronously, and travel
+    while the next step computes; the next boundary waits for the result, so every rank acts on
+    the same requests after the same step. A signal is acted on at most two boundaries after it
+    arrived, on any rank.
+    """
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self._flags: torch.Tensor | None = None
+        self._work = None
+        self._carried = Requests()  # settled by a stop check between epochs, acted on at the next boundary
+        self.boundaries = 0
+        self.post_s = 0.0
+        self.wait_s = 0.0
+
+    def post(self, local: Requests) -> None:
+        started = time.perf_counter()
+        self._flags = local.as_tensor()
+        self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.post_s += time.perf_counter() - started
+
+    def settle(self) -> Requests:
+        carried, self._carried = self._carried, Requests()
+        if self._work is None:
+            return carried
+        started = time.perf_counter()
+        self._work.wait()
+        self.wait_s += time.perf_counter() - started
+        self.boundaries += 1
+        self._work = None
+        return carried | Requests.from_tensor(self._flags)
+
+    def stop_agreed(self, stop: bool) -> bool:
+        """Whether any rank asks to stop, now (synchronously): between epochs and at start-up."""
+        self._carried = self.settle()
+        flag = torch.tensor([stop or self._carried.stop], dtype=torch.uint8)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def cost(self) -> dict:
+        per = max(self.boundaries, 1)
+        return {"boundaries": self.boundaries, "post_ms_mean": round(self.post_s / per * 1e3, 4),
+                "wait_ms_mean": round(self.wait_s / per * 1e3, 4)}  # fmt: skip
+
+
+class RankKeyed:
+    """A piece of state each rank has its own value of (its RNGs): saved for every rank, as
+    `{"rank_0": ..., "rank_1": ...}`, gathered to rank 0; each rank loads its own entry back."""
+
+    def __init__(self, part: Stateful, ranks: Ranks) -> None:
+        self.part = part
+        self.ranks = ranks
+
+    def state_dict(self) -> dict:
+        mine = self.part.state_dict()
+        gathered = [None] * self.ranks.world_size if self.ranks.is_writer else None
+        dist.gather_object(mine, gathered, dst=0, group=self.ranks.group)
+        if not self.ranks.is_writer:  # only rank 0 writes the checkpoint
+            return {RANK_KEY.format(self.ranks.rank): mine}
+        return {RANK_KEY.format(rank): state for rank, state in enumerate(gathered)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.part.load_state_dict(state[RANK_KEY.format(self.ranks.rank)])
+
+
+class RankZeroStore:
+    """The checkpoint store as every rank sees it: rank 0 writes (and prunes); each other rank
+    waits until the file is durable, and gets its result (or the error that stopped it)."""
+
+    def __init__(self, store: CheckpointStore, ranks: Ranks) -> None:
+        self.store = store
+        self.directory = store.directory
+        self.ranks = ranks
+
+    def save(self, state: dict) -> SaveResult:
+        outcome: SaveResult | TrainerError | None = None
+        if self.ranks.is_writer:
+            try:
+                outcome = self.store.save(state)
+            except TrainerError as exc:
+                outcome = exc
+        return self.ranks.broadcast(outcome)
+
+    def prune(self) -> None:
+        if self.ranks.is_writer:
+            self.store.prune()
+
+
+class NoWriter:
+    """The background writer of a rank that writes no checkpoint: a snapshot is taken on rank 0."""
+
+    def submit(self, state: dict) -> list[SaveResult]:
+        return []
+
+    def poll(self) -> list[SaveResult]:
+        return []
+
+    def drain(self) -> list[SaveResult]:
+        return []
+
+    def close(self) -> list[SaveResult]:
+        return []
+
+
+def join(cfg: DistConfig, device: torch.device) -> Solo | Ranks:
+    """This process's place in the run: a rank when a launcher started it as one, else alone."""
+    found = rank_from_env()
+    if found is None:
+        return Solo()
+    rank, world_size, local_rank = found
+    return Ranks(cfg, rank, world_size, local_rank, device)

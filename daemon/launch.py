@@ -1,0 +1,152 @@
+"""`trainer run` with several ranks: this process starts them through torch's elastic agent and
+stays the one that systemd, a terminal or a scheduler sees.
+
+The agent runs on a thread of its own, where torch installs no signal handlers: ours stay in place
+and only record, and the main thread forwards what they recorded to every rank's process group
+(the agent starts each rank in a session of its own; SIGUSR1 is not among the signals torchrun
+itself would forward). The main thread also speaks sd_notify, and turns the ranks' exit codes into
+this process's own: a stop (75) or an error that another attempt cannot change (78, 73, ...) ends
+the group without a restart; a rank that crashed or was killed restarts the group while
+`dist.max_restarts` allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+from daemon import logs
+from daemon.config import DistConfig
+from daemon.errors import ExitCode
+from daemon.signals import SignalRecorder
+from daemon.systemd import Notifier
+
+# Exits that say what happened on purpose: another attempt would end the same way (or, for a stop,
+# must not train on). In the order in which they name the cause when ranks disagree.
+FINAL_EXITS = (ExitCode.CONFIG, ExitCode.CANT_WRITE, ExitCode.IN_USE, ExitCode.NO_INPUT, ExitCode.CRASH_LOOP, ExitCode.STOPPED)
+SUPERVISE_EVERY = 0.05  # seconds between the main thread's looks at signals and the agent
+RUN_ID = "trainer"  # the rendezvous of this config's nodes: the same on every node
+
+
+class _Agent(LocalElasticAgent):
+    """torch's local agent, reading a group in which every rank ended with a final exit as
+    finished: its failure path would restart the group."""
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        codes = {rank: failure.exitcode for rank, failure in result.failures.items()}
+        if result.state != WorkerState.FAILED or not all(code in FINAL_EXITS for code in codes.values()):
+            return result
+        ranks = [worker.global_rank for worker in worker_group.workers]
+        return RunResult(state=WorkerState.SUCCEEDED, return_values={rank: codes.get(rank, 0) for rank in ranks})
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        logs.get().warning("ranks_restarting", remaining_restarts=self._remaining_restarts, max_restarts=worker_group.spec.max_restarts)
+        super()._restart_workers(worker_group)
+
+
+def exit_code(result: RunResult) -> ExitCode:
+    """This process's exit code for the ranks' outcome."""
+    if result.is_failed():  # crashed or killed, restarts exhausted: systemd restarts after 1
+        return ExitCode.FAILURE
+    codes = {code or 0 for code in result.return_values.values()}  # a binary's success carries None
+    return next((code for code in FINAL_EXITS if code in codes), ExitCode.COMPLETE)
+
+
+def build_agent(cfg: DistConfig, argv: list[str]) -> _Agent:
+    """The agent that starts `python -m daemon <argv>` as this node's ranks."""
+    # One node: a rendezvous store on a free port of this machine, as `torchrun --standalone` does,
+    # so that two runs on one machine never meet. Several: the configured endpoint, on every node.
+    endpoint = cfg.rdzv_endpoint if cfg.nnodes > 1 else "127.0.0.1:0"
+    rendezvous = RendezvousParameters(
+        backend="c10d", endpoint=endpoint, run_id=RUN_ID, min_nodes=cfg.nnodes, max_nodes=cfg.nnodes,
+        timeout=int(cfg.timeout_seconds),
+    )  # fmt: skip
+    spec = WorkerSpec(
+        role="trainer",
+        local_world_size=cfg.nproc_per_node,
+        entrypoint=sys.executable,
+        args=("-m", "daemon", *argv),
+        rdzv_handler=get_rendezvous_handler(rendezvous),
+        max_restarts=cfg.max_restarts,
+    )
+    return _Agent(spec=spec, logs_specs=DefaultLogsSpecs())
+
+
+def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: Notifier) -> ExitCode:
+    """Run the ranks to their end; the exit code they make."""
+    log = logs.get()
+    # JSON lines only on stdout: the agent's own log lines say in events of ours what they would.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The ranks are not the service's main process: systemd hears from this one.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    agent = build_agent(cfg, argv)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = agent.run()
+        except BaseException as exc:  # re-raised on the main thread, at the CLI's boundary
+            outcome["error"] = exc
+        finally:
+            agent.get_worker_group().spec.rdzv_handler.shutdown()
+
+    thread = threading.Thread(target=run, name="elastic-agent", daemon=True)
+    thread.start()
+    forwarder = Forwarder(signals, log)
+    started: set[int] = set()
+    while thread.is_alive():
+        thread.join(SUPERVISE_EVERY)
+        pids = [worker.id for worker in agent.get_worker_group().workers if worker.id is not None]
+        if pids and set(pids) != started:
+            started = set(pids)
+            log.info("ranks_started", pids=pids, nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes)
+            notifier.ready(f"{len(pids)} ranks training")
+        forwarder.forward(pids)
+        notifier.watchdog()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    code = exit_code(result)
+    exits = {rank: failure.exitcode for rank, failure in result.failures.items()} or result.return_values
+    log.info("ranks_exited", exit_codes={str(rank): code or 0 for rank, code in exits.items()}, exit_code=int(code))
+    notifier.stopping(f"ranks exited, {int(code)}")
+    return code
+
+
+class Forwarder:
+    """Sends each stop signal this process recorded to every rank's process group (a rank started
+    later, after a restart, gets them too), and each SIGUSR1 to the ranks running when it came."""
+
+    def __init__(self, signals: SignalRecorder, log) -> None:
+        self.signals = signals
+        self.log = log
+        self.stops: list[int] = []
+        self.sent: dict[int, int] = {}  # pid -> stop signals sent to it
+
+    def forward(self, pids: list[int]) -> None:
+        for event in self.signals.unreported_stops():
+            self.log.info("signal_received", signal=event.name, forwarded_to=pids)
+            self.stops.append(event.signum)
+        saves = [signal.SIGUSR1] if pids and self.signals.take_save_request() else []
+        for pid in pids:
+            for signum in self.stops[self.sent.get(pid, 0) :] + saves:
+                _send(pid, signum)
+            self.sent[pid] = len(self.stops)
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)  # the rank and any DataLoader workers it started
+    except ProcessLookupError:
+        pass  # it has exited already

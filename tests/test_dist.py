@@ -1,0 +1,86 @@
+"""Several ranks, started by `trainer run` through torch's elastic agent: a signal to any one rank
+stops every rank after the same step with the emergency checkpoint durable, and the resumed run
+ends bitwise equal to an unbroken one."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
+
+# 20 steps an epoch (2000 samples in global batches of 100), 3 epochs, dropout on.
+SETTINGS = {"data.train_subset": 2000, "data.test_subset": 500, "checkpoint.every_steps": 5}
+
+
+def ranks(nproc: int) -> dict:
+    return {**SETTINGS, "dist.nproc_per_node": nproc}
+
+
+def kill_ranks(pids: list[int]) -> None:
+    """Ranks live in sessions of their own: a failed test must not leave them running."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize(
+    ("nproc", "target"),
+    [(2, "rank 1"), (3, "rank 1"), (2, "launcher")],  # rank 1 alone: neither the launcher nor rank 0 hears it
+)
+def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, reference_runs, nproc, target):
+    run_config.settings = ranks(nproc)
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
+        os.kill(pids[1] if target == "rank 1" else process.pid, signal.SIGTERM)
+        assert process.wait() == 75, process.output()
+    finally:
+        process.kill()
+        kill_ranks(pids)
+    stopped = process.events("stopped")
+    assert sorted(event["rank"] for event in stopped) == list(range(nproc)), process.output()
+    assert len({event["global_step"] for event in stopped}) == 1, stopped
+    step = stopped[0]["global_step"]
+    (emergency,) = [e for e in process.events("checkpoint_saved") if e["kind"] == "emergency" and e["rank"] == 0]
+    assert emergency["checkpoint_global_step"] == step and 10 < step < 60
+    assert process.events("ranks_exited")[-1]["exit_codes"] == {str(rank): 75 for rank in range(nproc)}
+
+    resumed_run = run_to_end(run_config)
+
+    assert [e["global_step"] for e in resumed_run.events("resumed")] == [step]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(nproc)))
+
+
+def test_a_changed_world_size_is_refused(run_config):
+    run_config.settings = {**ranks(2), "train.max_steps": 10}
+    run_to_end(run_config)
+
+    run_config.settings = {**SETTINGS, "train.max_steps": 20}
+    alone = TrainerProcess.start(run_config)
+
+    assert alone.wait() == 78, alone.output()
+    (refused,) = alone.events("checkpoint_incompatible")
+    assert "trained by 2 rank(s), this run has 1" in refused["message"]
+
+
+def test_sigkill_of_a_rank_restarts_the_group_which_finishes_exactly(run_config, reference_runs):
+    run_config.settings = {**ranks(2), "dist.max_restarts": 1}
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
+        os.kill(pids[1], signal.SIGKILL)
+        assert process.wait() == 0, process.output()
+    finally:
+        process.kill()
+        kill_ranks(pids)
+
+    assert process.events("ranks_restarting")
+    assert [e["rank"] for e in process.events("resumed")] == [0]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
