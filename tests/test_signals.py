@@ -152,6 +152,7 @@ def test_sigterm_during_a_background_save(run_config, reference_runs):
 def test_sigkill_resume_says_how_many_steps_are_redone(run_config):
     run_config.settings = {"checkpoint.every_steps": 20, "log.progress_every_seconds": 0.01}
     process = TrainerProcess.start(run_config)
+    process.wait_for("checkpoint_saved", checkpoint_global_step=20)  # written in the background: durable now
     process.wait_for("progress", where=lambda e: e["global_step"] >= 30)
     process.kill()
     last_logged = max(e["global_step"] for e in process.events() if "global_step" in e)

@@ -25,7 +25,7 @@ EXAMPLE = {
     "data.num_workers": 2,
     "train.epochs": 2,
     "train.batch_size": 50,
-    "checkpoint.every_steps": 4,
+    "checkpoint.every_steps": 3,
 }
 TINY = {
     **NOT_BUILTIN,
@@ -43,14 +43,16 @@ TINY = {
 
 
 def stop_then_finish(run_config, stop: str, after_step: int) -> tuple[TrainerProcess, TrainerProcess]:
-    """Start; at the first progress event at or past `after_step`, SIGTERM or SIGKILL; run to the end."""
+    """Start; SIGTERM at the first progress event at or past `after_step`, or SIGKILL once a periodic
+    checkpoint at or past it is durable; then run to the end."""
     process = TrainerProcess.start(run_config)
-    process.wait_for("progress", where=lambda e: e["global_step"] >= after_step)
     if stop == "SIGTERM":
+        process.wait_for("progress", where=lambda e: e["global_step"] >= after_step)
         process.signal(signal.SIGTERM)
         assert process.wait() == ExitCode.STOPPED, process.output()
         assert process.events("checkpoint_saved")[-1]["kind"] == "emergency"
     else:
+        process.wait_for("checkpoint_saved", where=lambda e: e["checkpoint_global_step"] >= after_step)
         process.kill()
         process.wait()
     return process, run_to_end(run_config)
@@ -59,7 +61,7 @@ def stop_then_finish(run_config, stop: str, after_step: int) -> tuple[TrainerPro
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
 def test_example_cnn_with_augmentation_in_workers_resumes_exactly(run_config, reference_runs, stop):
     run_config.settings = {**EXAMPLE, "log.progress_every_seconds": 0.001}
-    _, rerun = stop_then_finish(run_config, stop, after_step=6)
+    _, rerun = stop_then_finish(run_config, stop, after_step=6 if stop == "SIGTERM" else 3)
     (resumed,) = rerun.events("resumed")
     assert resumed["kind"] == ("emergency" if stop == "SIGTERM" else "periodic")
 
