@@ -43,6 +43,7 @@ import pytest
 import yaml
 
 from daemon.checkpoint import CheckpointStore
+from daemon.child import matches, parse_event
 from systemd_harness import INNER_ENV, BootedSystemd, missing_requirements, verify_unit
 from trainer_proc import SMALL_SETTINGS, assert_same_training, final_checkpoint
 
@@ -144,13 +145,10 @@ class Journal:
             message = json.loads(line).get("MESSAGE") if line.strip() else None
             if not isinstance(message, str):
                 continue  # absent, or not UTF-8 (journald then gives a list of bytes)
-            try:
-                event = json.loads(message) if message.startswith("{") else None
-            except ValueError:
-                event = None  # a line that only looks like JSON: kept as a message
+            event = parse_event(message)  # the trainer's event, as its stdout gave it; None for systemd's lines
             with self._lock:
                 self._messages.append(message)
-                if isinstance(event, dict):
+                if event:
                     self._events.append(event)
 
     def close(self) -> None:
@@ -168,12 +166,8 @@ class Journal:
     def events(self, name: str | None = None, pid: int | None = None, **fields: Any) -> list[dict[str, Any]]:
         with self._lock:
             events = list(self._events)
-        return [
-            e for e in events
-            if (name is None or e.get("event") == name)
-            and (pid is None or e.get("pid") == pid)
-            and all(e.get(k) == v for k, v in fields.items())
-        ]  # fmt: skip
+        wanted = {**fields, **({"pid": pid} if pid is not None else {})}
+        return [e for e in events if matches(e, name, wanted)]
 
     def _wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         try:

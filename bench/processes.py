@@ -1,0 +1,56 @@
+"""Launching the benchmark's contenders and reaping them: the daemon through its CLI, the plain
+loops and the seed recipe from bench/, all through the one event reader (daemon/child.py), which
+keeps their JSON lines, exit time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from daemon.child import TrainerChild, event_time
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+CONFIG = REPO / "config.yaml"
+
+
+class BenchError(Exception):
+    pass
+
+
+def daemon(data: Path, run_dir: Path, settings: dict, config: Path = CONFIG) -> TrainerChild:
+    """`trainer run` for one epoch in `run_dir`, with `settings` as --set overrides."""
+    settings = {
+        "data.root": str(data), "checkpoint.dir": str(run_dir / "checkpoints"), "train.epochs": 1,
+        "log.format": "json", **settings,
+    }  # fmt: skip
+    overrides = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]
+    return TrainerChild.cli("run", f"--config={config}", *overrides, cwd=REPO)
+
+
+def script(data: Path, name: str, *args: str, env: dict | None = None) -> TrainerChild:
+    return TrainerChild([sys.executable, str(BENCH / name), f"--data-root={data}", *args], REPO, env)
+
+
+def finish(child: TrainerChild, expect: int, silence: float = 600) -> TrainerChild:
+    """Wait for the contender's exit, which must be `expect`."""
+    try:
+        code = child.wait(silence)
+    except TimeoutError:
+        child.kill()
+        raise BenchError(f"silent for {silence} s, killed:\n{tail(child)}") from None
+    if code != expect:
+        raise BenchError(f"exit {code}, expected {expect}:\n{tail(child)}")
+    return child
+
+
+def step_s(child: TrainerChild) -> float:
+    """The median step: seconds between consecutive `progress` events, one a step with TINY_PROGRESS."""
+    times = [event_time(record) for record in child.events("progress")]
+    return statistics.median(later - earlier for earlier, later in zip(times, times[1:]))
+
+
+def tail(child: TrainerChild) -> str:
+    return f"$ {' '.join(child.argv)}\n" + "".join(child.lines[-15:])

@@ -1,0 +1,294 @@
+"""The benchmark's figures from its samples, the targets judged on them, and the tables (text,
+and markdown for README.md)."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+
+from processes import REPO
+from scenarios import CONTENDED, TASK, THROUGHPUT
+
+RESULTS = REPO / "bench" / "results" / "latest.json"
+README_BEGIN = "<!-- bench:begin: written by bench/run.py --update-readme -->"
+README_END = "<!-- bench:end -->"
+LABELS = {
+    "a": "(a) plain loop, tensors, no checkpoint",
+    "a_tuned": "(a tuned) the same, malloc tuned as the daemon's (the fair floor)",
+    "c_active": "(c active) daemon, default policy, cpu_wait active",
+    "b": "(b) seed recipe",
+    "c": "(c) daemon, default policy",
+    "d": "(d) daemon, every 50 steps (async)",
+    "d_sync": "(d sync) daemon, every 50 steps (sync)",
+}
+
+
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
+    def med(key: str) -> float:
+        return statistics.median(samples[key])
+
+    def field(key: str, name: str) -> list[float]:
+        return [sample[name] for sample in samples[key]]
+
+    figures: dict = {"throughput": {}, "emergency": {}, "restart": {}, "stall": {}, "memory": {}}
+    for contender in THROUGHPUT:
+        seconds = samples[f"throughput.{contender}.seconds"]
+        figures["throughput"][contender] = {
+            "seconds_per_epoch": spread(seconds),
+            "steps_per_s": spread([600 / s for s in seconds]),
+        }
+    def paired(numerator: str, denominator: str) -> dict:
+        """The ratio within each repetition, whose contenders ran within a minute of each other:
+        the machine's slow swings cancel better than in a ratio of medians over the whole run."""
+        over = zip(samples[f"throughput.{numerator}.seconds"], samples[f"throughput.{denominator}.seconds"])
+        return spread([n / d for n, d in over])
+
+    ratios = {
+        "(c)/(a tuned)": paired("c", "a_tuned"),
+        "(d)/(a tuned)": paired("d", "a_tuned"),
+        "(d sync)/(a tuned)": paired("d_sync", "a_tuned"),
+        "(c)/(a)": paired("c", "a"),
+        "(c)/(c active)": paired("c", "c_active"),
+        "(b)/(c)": paired("b", "c"),
+    }
+    figures["throughput"]["ratios"] = ratios
+    figures["contended"] = {
+        contender: {name: spread(field(f"contended.{contender}", name)) for name in ("quiet_s", "busy_s", "share")}
+        for contender in CONTENDED
+    }
+    task = {contender: samples[f"task.{contender}.seconds"] for contender in TASK}
+    figures["task"] = {
+        **{contender: spread(seconds) for contender, seconds in task.items()},
+        "ratio": spread([d / p for d, p in zip(task["cnn_daemon"], task["cnn_plain"])]),
+    }
+
+    steps = {"mlp": 1 / med("throughput.c.train_steps_per_s"), "big": med("big.step_s")}
+    for name, model in (("mlp", "mlp"), ("big", "big"), ("big_writer_busy", "big")):
+        figures["emergency"][name] = {
+            "durable_s": spread(field(f"emergency.{name}", "durable_s")),
+            "exit_s": spread(field(f"emergency.{name}", "exit_s")),
+            "waited_ms": spread(field(f"emergency.{name}", "waited_ms")),
+            "save_ms": spread(field(f"emergency.{name}", "save_ms")),
+            "step_s": steps[model],
+            "raw_save_s": spread(samples[f"raw_save.{model}_s"]),
+            "budget_s": steps[model] + 1.25 * med(f"raw_save.{model}_s"),
+        }
+    for name in ("daemon_fresh", "daemon_resume", "seed_fresh", "seed_resume"):
+        figures["restart"][name] = spread(samples[f"restart.{name}"])
+    for key in ("mlp.async", "mlp.sync", "big.async_first", "big.async", "big.sync"):
+        figures["stall"][key] = spread(samples[f"stall.{key}_ms"])
+    for name in ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "big_plain", "big_async", "big_sync"):
+        figures["memory"][name] = spread(samples[f"memory.{name}.max_rss"])
+    snapshot = {"mlp": med("checkpoint.d.bytes"), "big": med("checkpoint.big.bytes")}
+    figures["memory"]["snapshot_bytes"] = snapshot
+
+    rss_limit = {
+        "mlp": (1.1 * med("memory.a.max_rss") + snapshot["mlp"]) / 1e6,
+        "big": (1.1 * med("memory.big_plain.max_rss") + snapshot["big"]) / 1e6,
+    }
+    emergency = figures["emergency"]
+    targets = [
+        ("(c)/(a tuned) s/epoch", ratios["(c)/(a tuned)"]["median"], "<=", 1.03),
+        ("(d)/(a tuned) s/epoch", ratios["(d)/(a tuned)"]["median"], "<=", 1.05),
+        ("(b)/(c) s/epoch", ratios["(b)/(c)"]["median"], ">=", 2.0),
+        ("(c)/(c active) s/epoch, quiet: cpu_wait against libgomp's default", ratios["(c)/(c active)"]["median"], "<=", 1.03),
+        ("(c) beside busy loops: share of its quiet throughput", figures["contended"]["c"]["share"]["median"], ">=", 0.35),
+        (
+            "MLP SIGTERM → durable, s (step + 1.25 × raw)",
+            emergency["mlp"]["durable_s"]["median"],
+            "<=",
+            emergency["mlp"]["budget_s"],
+        ),
+        (
+            "100M SIGTERM → durable, s (step + 1.25 × raw)",
+            emergency["big"]["durable_s"]["median"],
+            "<=",
+            emergency["big"]["budget_s"],
+        ),
+        ("MLP SIGTERM → exit, s", emergency["mlp"]["exit_s"]["median"], "<", 1.0),
+        (
+            "launch → first resumed step, s (1.1 × seed's)",
+            med("restart.daemon_resume"),
+            "<=",
+            1.1 * med("restart.seed_fresh"),
+        ),
+        ("100M async stall / sync save", med("stall.big.async_ms") / med("stall.big.sync_ms"), "<=", 0.15),
+        ("peak RSS, MLP daemon (c), MB", med("memory.c.max_rss") / 1e6, "<=", rss_limit["mlp"]),
+        ("peak RSS, MLP daemon (d), MB", med("memory.d.max_rss") / 1e6, "<=", rss_limit["mlp"]),
+        ("peak RSS, 100M daemon async, MB", med("memory.big_async.max_rss") / 1e6, "<=", rss_limit["big"]),
+    ]
+    sigkill = samples["durability.sigkill"][0]
+    figures["durability"] = sigkill
+    # nan (a FAIL) when no SIGKILL landed inside a write: the check proved nothing
+    invalid = sigkill["checkpoints"] - sigkill["valid"] if sigkill["write_cut_short"] else math.nan
+    targets.append(("invalid checkpoints after SIGKILL inside a background write", invalid, "<=", 0))
+    targets.append(("example CNN: daemon / its plain loop, s/epoch", figures["task"]["ratio"]["median"], "<=", 1.10))
+    passed = {"<=": lambda v, limit: v <= limit, "<": lambda v, limit: v < limit, ">=": lambda v, limit: v >= limit}
+    checks = [
+        {"target": name, "value": value, "op": op, "limit": limit, "pass": passed[op](value, limit)}
+        for name, value, op, limit in targets
+    ]
+    return figures, checks
+
+
+# -- output --------------------------------------------------------------------------------
+
+Table = tuple[str, list[str], list[list[str]]]  # title, column headers, rows
+
+
+def mmm(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    """median (min–max)"""
+    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
+
+
+def tables(figures: dict, checks: list[dict]) -> list[Table]:
+    throughput = [
+        [
+            LABELS[c],
+            mmm(figures["throughput"][c]["seconds_per_epoch"], digits=2),
+            f"{figures['throughput'][c]['steps_per_s']['median']:.0f}",
+        ]
+        for c in THROUGHPUT
+    ]
+    throughput += [[f"ratio {name}", mmm(value), ""] for name, value in figures["throughput"]["ratios"].items()]
+    emergency_labels = {
+        "mlp": "MLP",
+        "big": "100M, writer idle",
+        "big_writer_busy": "100M, during a background save (waits for it)",
+    }
+    emergency = [
+        [
+            label,
+            mmm(e["durable_s"]),
+            mmm(e["exit_s"]),
+            f"{e['step_s']:.3f}",
+            mmm(e["raw_save_s"]),
+            f"{e['budget_s']:.3f}",
+        ]
+        for name, label in emergency_labels.items()
+        for e in [figures["emergency"][name]]
+    ]
+    restart_labels = {
+        "daemon_fresh": "daemon, fresh",
+        "daemon_resume": "daemon, resumed",
+        "seed_fresh": "seed recipe, fresh",
+        "seed_resume": "seed recipe, resumed",
+    }
+    restart = [[label, mmm(figures["restart"][name], digits=2)] for name, label in restart_labels.items()]
+    stall = figures["stall"]
+    stalls = [
+        ["MLP (every 50 steps)", mmm(stall["mlp.async"], digits=1), mmm(stall["mlp.sync"], digits=1)],
+        ["100M, first save of a process (allocates the snapshot)", mmm(stall["big.async_first"], digits=0), ""],
+        ["100M, later saves", mmm(stall["big.async"], digits=0), mmm(stall["big.sync"], digits=0)],
+    ]
+    memory_labels = {
+        "a": "(a) plain loop, MLP", "a_tuned": "(a tuned) plain loop, malloc tuned", "b": "(b) seed recipe",
+        "c": "(c) daemon, default policy", "c_active": "(c active) daemon, cpu_wait active",
+        "d": "(d) daemon, every 50 steps (async)", "d_sync": "(d sync) daemon, every 50 steps (sync)",
+        "big_plain": "plain loop, 100M", "big_async": "daemon 100M, async saves", "big_sync": "daemon 100M, sync saves",
+    }  # fmt: skip
+    memory = [[label, mmm(figures["memory"][name], 1e-6, 0)] for name, label in memory_labels.items()]
+    snapshot = figures["memory"]["snapshot_bytes"]
+    memory.append(
+        ["one snapshot (checkpoint size): MLP / 100M", f"{snapshot['mlp'] / 1e6:.1f} / {snapshot['big'] / 1e6:.0f}"]
+    )
+    verdicts = [
+        [
+            check["target"],
+            f"{check['value']:.3f}",
+            f"{check['op']} {check['limit']:.3f}",
+            "PASS" if check["pass"] else "FAIL",
+        ]
+        for check in checks
+    ]
+    return [
+        ("1. Throughput, one epoch (MNIST MLP, batch 100)", ["contender", "s/epoch", "steps/s"], throughput),
+        (
+            "2. Emergency checkpoint, s after SIGTERM",
+            ["model", "durable", "exit", "one step", "raw save + fsync", "step + 1.25 × raw"],
+            emergency,
+        ),
+        ("3. Restart, s from launch to the first completed step", ["process", "s"], restart),
+        ("4. Periodic-save stall, ms the loop is blocked per save", ["model", "async", "sync"], stalls),
+        ("5. Peak RSS, MB", ["process", "MB"], memory),
+        (
+            f"6. A shared machine: one epoch quiet, then beside {(os.cpu_count() or 1) + 1} busy loops",
+            ["contender", "quiet s/epoch", "busy s/epoch", "share of quiet throughput"],
+            [
+                [LABELS[c], mmm(f["quiet_s"], digits=2), mmm(f["busy_s"], digits=2), mmm(f["share"], digits=2)]
+                for c in CONTENDED
+                for f in [figures["contended"][c]]
+            ],
+        ),
+        (
+            "7. A task of one's own: examples/mnist_cnn.py (augmentation in 2 workers), one epoch",
+            ["contender", "s/epoch"],
+            [
+                ["daemon, examples/mnist_cnn.yaml", mmm(figures["task"]["cnn_daemon"], digits=1)],
+                ["plain loop for the same CNN (bench/plain_cnn.py)", mmm(figures["task"]["cnn_plain"], digits=1)],
+                ["ratio daemon / plain", mmm(figures["task"]["ratio"])],
+            ],
+        ),
+        ("Targets (on medians)", ["target", "value", "limit", ""], verdicts),
+    ]
+
+
+def as_text(table: Table) -> str:
+    title, headers, rows = table
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [title, "  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def as_markdown(table: Table) -> str:
+    title, headers, rows = table
+    lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(info: dict) -> str:
+    m = info["machine"]
+    return (
+        f"`{info['command']}`, {info['started']}, {info['wall_s']:.0f} s. Machine: {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gb']} GB, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads); {info['noise']}. Figures: median (min–max) over the runs; a ratio's are over the repetitions, each within one."
+    )
+
+
+def update_readme(block: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    begin, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    readme.write_text(text[:begin] + "\n" + block + "\n" + text[end:])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def cpu_ticks() -> list[int]:
+    with open("/proc/stat") as stat:
+        return [int(value) for value in stat.readline().split()[1:]]
+
+
