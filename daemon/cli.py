@@ -5,7 +5,6 @@ run, and turn the outcome into a documented exit code (the one exception boundar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "train, resuming from the newest valid checkpoint"),
         ("status", "list the checkpoints and the one a run would resume from"),
         ("verify", "run the config twice for a few steps, once interrupted by real signals; compare bitwise"),
+        ("plot", "draw the metrics history of the run (or of RUN_DIRs, overlaid) to a PNG"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     commands.choices["verify"].add_argument("--steps", type=int, default=200, help="the horizon in steps (default: %(default)s)")
     commands.choices["verify"].add_argument("--json", action="store_true", help="print the report as JSON")
+    commands.choices["plot"].add_argument("--out", default="metrics.png", help="the PNG to write (default: %(default)s)")
+    commands.choices["plot"].add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                                          help="checkpoint directories to draw (default: the config's checkpoint.dir)")  # fmt: skip
     return parser
 
 
@@ -53,6 +56,8 @@ def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
         return _status(cfg, as_json=args.json)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "plot":
+        return _plot(cfg, args)
     return _run(cfg, signals, sys.argv[1:] if argv is None else argv)
 
 
@@ -101,52 +106,27 @@ def _verify(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
-def _status(cfg: Config, as_json: bool) -> int:
+def _plot(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.checkpoint import CheckpointStore
-    from daemon.lock import describe, holder
+    try:
+        from daemon.plot import plot
 
-    entries = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last).scan()
-    running = holder(Path(cfg.checkpoint.dir))
-    resume = next((entry for entry in entries if entry.valid), None)
-    rows = [
-        {
-            "path": str(entry.path),
-            "kind": entry.kind,
-            "epoch": entry.state["epoch"] if entry.valid else None,
-            "step_in_epoch": entry.state["step_in_epoch"] if entry.valid else None,
-            "global_step": entry.global_step,
-            "bytes": entry.bytes,
-            "valid": entry.valid,
-            "reason": entry.reason,
-        }
-        for entry in entries
-    ]
-    report = {
-        "checkpoint_dir": cfg.checkpoint.dir,
-        "run_in_progress": running is not None,
-        "run_pid": running or None,
-        "checkpoints": rows,
-        "resume_from": str(resume.path) if resume else None,
-        "epochs": cfg.train.epochs,
-        "complete": bool(resume and resume.state["epoch"] >= cfg.train.epochs),
-    }
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return ExitCode.COMPLETE
-    print(f"checkpoints in {report['checkpoint_dir']}:")
-    for row in rows:
-        where = f"epoch {row['epoch']} step {row['step_in_epoch']}" if row["valid"] else f"INVALID: {row['reason']}"
-        print(f"  {row['path']}  {row['kind']:<9}  step {row['global_step']:>8}  {row['bytes']:>10} B  {where}")
-    if not rows:
-        print("  (none)")
-    if running is not None:
-        print(f"a run holds this directory ({describe(running)})")
-    if resume:
-        state = "complete" if report["complete"] else f"at epoch {resume.state['epoch']}/{cfg.train.epochs}"
-        print(f"a run resumes from {resume.path} ({state})")
-    else:
-        print("a run starts afresh")
+        directories = [Path(d) for d in args.run_dirs] or [Path(cfg.checkpoint.dir)]
+        drawn = plot(directories, Path(args.out))
+    except ModuleNotFoundError as exc:
+        error = ConfigError(f"trainer plot needs {exc.name}: pip install 'trainer[plot]' (matplotlib)")
+        logs.get().error(error.event, message=str(error), exit_code=int(error.exit_code))
+        return error.exit_code
+    except TrainerError as exc:
+        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
+        return exc.exit_code
+    logs.get().info("plot_written", path=args.out, runs=drawn)
     return ExitCode.COMPLETE
 
+
+def _status(cfg: Config, as_json: bool) -> int:
+    from daemon.status import report, show
+
+    show(report(cfg), as_json)
+    return ExitCode.COMPLETE

@@ -158,11 +158,13 @@ class LogConfig:
     level: str = "info"  # debug, info, warning, error
     format: str = "auto"  # "auto": JSON lines off a terminal, console on one; or "json", "console"
     progress_every_seconds: float = 5.0  # how often a `progress` event reports the epoch in flight
+    metrics_every_steps: int = 50  # the training loss goes to the metrics history every N steps (0: off)
 
     def __post_init__(self) -> None:
         _require(self.level in ("debug", "info", "warning", "error"), "log.level", "must be debug, info, warning or error")
         _require(self.format in ("auto", "json", "console"), "log.format", "must be auto, json or console")
         _require(self.progress_every_seconds > 0, "log.progress_every_seconds", "must be > 0")
+        _require(self.metrics_every_steps >= 0, "log.metrics_every_steps", "must be >= 0")
 
 
 BACKENDS = ("auto", "gloo", "nccl")

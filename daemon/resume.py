@@ -21,6 +21,8 @@ class Resumer:
         cpu_threads_setting: int | None, world_size: int,
     ) -> None:  # fmt: skip
         """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
+        self.resumed: Entry | None = None  # once resume() found one
+        self.steps_redone: int | None = None  # None: not known (no step was logged, or a fresh start)
         self.store = store
         self.logged = logged
         self.log = log
@@ -55,6 +57,7 @@ class Resumer:
         where = position()
         redone = {"steps_redone": max(0, logged - where["global_step"])} if logged is not None else {}
         self.log.info("resumed", path=str(entry.path), kind=entry.kind, **where, **redone)
+        self.resumed, self.steps_redone = entry, redone.get("steps_redone")
         return entry
 
     def _report_invalid(self, entry: Entry, aside: Path | None) -> None:

@@ -15,6 +15,7 @@ from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, exactness_fingerprint
 from daemon.data import build_train_data, map_tensors
 from daemon.errors import ConfigError, ExitCode
+from daemon.history import MetricsHistory
 from daemon.optim import build_optimizer, build_scheduler, build_warmup
 from daemon.progress import LoggedStep, ProgressReporter
 from daemon.registry import StateRegistry
@@ -101,6 +102,9 @@ class Trainer:
         )  # fmt: skip
         writer = self.dist.writer(store) if cfg.checkpoint.async_save else None
         self.saver = Saver(cfg.checkpoint, self.dist.store(store), writer, self.state_dict, self.reporter, logged, self.log)
+        self.history = (
+            MetricsHistory(store.directory, cfg.log.metrics_every_steps, self.progress, self.log) if self.dist.is_writer else None
+        )  # fmt: skip
         self.resumer = Resumer(
             store, logged, self.log, settings=self.settings, fingerprint=self.fingerprint,
             cpu_threads_setting=cfg.train.cpu_threads, world_size=self.dist.world_size,
@@ -168,6 +172,9 @@ class Trainer:
         schema = self._checkpoint_schema()  # on every rank: its template gathers the ranks' state
         if self.dist.resume(lambda load: self.resumer.resume(schema, load, self._position), self.load_state_dict):
             self.saver.mark_on_disk()
+        if self.history:
+            kind = self.resumer.resumed.kind if self.resumer.resumed else None
+            self.history.start(kind, self.resumer.steps_redone)
 
     def _checkpoint_schema(self) -> CheckpointSchema:
         """What a checkpoint must hold to be loaded into this run's objects, taken from them."""
@@ -215,6 +222,8 @@ class Trainer:
             ) from None
         finally:
             self.saver.close()
+            if self.history:
+                self.history.close()
             self.dist.close(self.log)
 
     def _run(self) -> ExitCode:
@@ -300,15 +309,22 @@ class Trainer:
                 return iter(self.data.loader)
         return iter(self.data.loader)
 
+    def _record_checkpoint(self, kind: str) -> None:
+        if self.history:
+            self.history.checkpoint_saved(kind)
+
     def _after_step(self) -> ExitCode | None:
         """The safe point after each step: act on the requests every rank agreed on, save when due,
         report progress."""
+        if self.history:
+            self.history.step_done()  # before a stop: the resumed run goes on after this step
         requests = self.dist.agree(self._requests)
         if requests.stop:
             return self._stop()
         self.saver.poll()
         if requests.save:
             self.saver.save("on_demand", wait=True)
+            self._record_checkpoint("on_demand")
         elif self._periodic_save_due(requests.periodic):
             self.saver.save("periodic", wait=False)
         self.dist.post(self._requests)
@@ -335,11 +351,14 @@ class Trainer:
             self.scheduler.step()
         entry = self.progress.complete_epoch(evaluation)
         self.saver.save("final" if self._finished() else "epoch", wait=True)
+        headline = next(iter(evaluation), "train_loss")
+        if self.history:
+            self.history.epoch_done(entry, train_seconds, headline)
         self.log.info(
             "epoch_completed",
             **self._position(),  # epoch: epochs completed, this one included
             **{key: value for key, value in entry.items() if key != "epoch"},
-            headline=next(iter(evaluation), "train_loss"),
+            headline=headline,
             seconds=round(train_seconds, 3),
             steps_per_s=round(steps / train_seconds, 1) if train_seconds > 0 else None,
         )
@@ -378,6 +397,7 @@ class Trainer:
             self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())
         else:
             self.saver.save("emergency", wait=True)
+            self._record_checkpoint("emergency")
         for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
             self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
         self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())

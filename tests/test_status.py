@@ -1,0 +1,52 @@
+"""`trainer status`: the checkpoints, the epochs, the resumes, a running trainer and its ETA."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from daemon.errors import ExitCode
+from trainer_proc import TrainerProcess, run_to_end
+
+SETTINGS = {"log.metrics_every_steps": 2, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}
+
+
+def status(run_config, *extra: str) -> str:
+    process = TrainerProcess.start(run_config, *extra, command="status")
+    assert process.wait() == 0, process.output()
+    return process.output()
+
+
+def test_status_of_a_run_in_progress_names_its_pid_and_an_eta(run_config):
+    run_config.settings = {**SETTINGS, "train.epochs": 30}  # long enough to still run while status looks
+    process = TrainerProcess.start(run_config)
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=20)
+        report = json.loads(status(run_config, "--json"))
+        assert (report["run_in_progress"], report["run_pid"]) == (True, process.pid)
+        assert report["total_steps"] == 30 * 40 and not report["complete"]
+        assert report["eta_s"] > 0 and report["newest_checkpoint_age_s"] >= 0
+        shown = status(run_config)
+        assert f"a run holds this directory (PID {process.pid})" in shown and "ETA " in shown
+    finally:
+        process.kill()
+
+
+def test_status_after_resumes_counts_them_and_lists_the_epochs(run_config):
+    run_config.settings = SETTINGS
+    for _ in range(2):
+        process = TrainerProcess.start(run_config)
+        process.wait_for("progress", where=lambda e: e["global_step"] >= 15)
+        process.signal(signal.SIGTERM)
+        assert process.wait() == ExitCode.STOPPED
+    run_to_end(run_config)
+
+    report = json.loads(status(run_config, "--json"))
+    assert report["resumes"] == {"emergency": 2}
+    assert report["complete"] and report["eta_s"] is None and not report["run_in_progress"]
+    assert [row["epoch"] for row in report["history"]] == [1, 2, 3]
+    assert all(row["headline"] == "test_accuracy" and row["seconds"] > 0 for row in report["history"])
+    shown = status(run_config)
+    assert "resumed 2 times (2 from emergency)" in shown
+    assert "   3  train_loss " in shown and "test_accuracy" in shown
+    assert len(shown.splitlines()) < 25  # one screen
