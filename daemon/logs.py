@@ -52,15 +52,29 @@ class _WithPriority:
         return f"<{priority}>{self.renderer(logger, method_name, event_dict)}"
 
 
+_terminal = None  # daemon.live.Terminal, when stdout is a terminal that shows the console form
+
+
+def terminal():
+    """The terminal the events are printed on (daemon/live.py), or None off a terminal."""
+    return _terminal
+
+
 def configure(level: str = "info", fmt: str = "auto") -> str:
     """Configure structlog for this process and return its run id."""
+    global _terminal
     if fmt == "auto":
         fmt = "console" if sys.stdout.isatty() else "json"
-    renderer = (
-        structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
+    output: TextIO = sys.stdout
+    if fmt == "console" and sys.stdout.isatty():
+        from daemon.live import Terminal  # rich: imported on a terminal only
+
+        _terminal = output = Terminal()
+        renderer = _terminal.render
+    elif fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
     if stream_is_journal(sys.stdout):
         renderer = _WithPriority(renderer)
     structlog.configure(
@@ -73,7 +87,7 @@ def configure(level: str = "info", fmt: str = "auto") -> str:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level][0]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
     run_id = uuid.uuid4().hex[:12]

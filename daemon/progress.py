@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from daemon import logs
 from daemon.checkpoint import TEMP_PREFIX
 from daemon.state import TrainProgress
 from daemon.systemd import Notifier
@@ -55,6 +56,17 @@ class ProgressReporter:
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self._at, self._step = time.monotonic(), 0
+        self.view = None  # the live display, on a terminal
+
+    def close(self) -> None:
+        if self.view:
+            self.view.stop()
+            self.view = None
+
+    def refresh(self) -> None:
+        """Redraw the live display now (a stop began)."""
+        if self.view:
+            self.view.refresh_if_due(force=True)
 
     def position(self) -> dict:
         p = self.progress
@@ -63,8 +75,17 @@ class ProgressReporter:
     def start(self) -> None:
         """Training (re)starts: the rate counts from here."""
         self._at, self._step = time.monotonic(), self.progress.global_step
+        terminal = logs.terminal()
+        if terminal is not None and self.view is None:
+            from daemon.live import LiveView
+
+            total = self.steps_per_epoch * self.epochs
+            self.view = LiveView(terminal, self.progress, self.steps_per_epoch, self.epochs, total)
+            self.view.start()
 
     def report_if_due(self) -> None:
+        if self.view:
+            self.view.refresh_if_due()
         now = time.monotonic()
         if now - self._at < self.every_seconds:
             return

@@ -25,6 +25,7 @@ from daemon.errors import ExitCode
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAVE_SIGNAL = signal.SIGUSR1
 FORCE_EXIT_AFTER = 3  # stop signals; the third one no longer waits for the emergency save
+SHOW_CURSOR = b"\x1b[?25h"
 
 
 class SignalEvent:
@@ -59,6 +60,8 @@ class SignalRecorder:
             return
         self.stops.append(event)
         if len(self.stops) >= FORCE_EXIT_AFTER:
+            if os.isatty(1):
+                os.write(1, SHOW_CURSOR)  # a live display hides it while it draws (daemon/live.py)
             os._exit(ExitCode.STOPPED)
 
     @property

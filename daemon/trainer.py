@@ -222,6 +222,7 @@ class Trainer:
             ) from None
         finally:
             self.saver.close()
+            self.reporter.close()
             if self.history:
                 self.history.close()
             self.dist.close(self.log)
@@ -389,6 +390,7 @@ class Trainer:
                 waited_ms=round((time.monotonic() - event.monotonic) * 1e3, 2),
                 **self._position(),
             )
+        self.reporter.refresh()  # the display marks the save under way
         # Ask systemd for room in its stop timeout, should this save be slow.
         self.notifier.extend_timeout(10 + 4 * self.saver.last_save_ms / 1e3)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
