@@ -3,6 +3,7 @@ what changed since and how many steps are redone said in the log."""
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from daemon.checkpoint import CheckpointStore, Entry
 from daemon.config import is_resume_safe
 from daemon.errors import IncompatibleCheckpoint
 from daemon.progress import LoggedStep
-from daemon.schema import CheckpointSchema
+from daemon.schema import CheckpointSchema, InvalidCheckpoint
 
 
 class Resumer:
@@ -87,6 +88,8 @@ class Resumer:
         """A run keeps its world size: each rank's RNGs are saved for its rank, and a batch split over
         another count of ranks sums its gradients in another order."""
         trained_with = entry.state.get("world_size", 1)
+        if type(trained_with) is not int or trained_with < 1:  # not a count: the file, not the config, is wrong
+            raise InvalidCheckpoint(f"world_size: {reprlib.repr(trained_with)} is not a number of ranks")
         if trained_with != self.world_size:
             raise IncompatibleCheckpoint(
                 f"{entry.path} was trained by {trained_with} rank(s), this run has {self.world_size}: "
