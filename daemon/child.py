@@ -131,7 +131,10 @@ class TrainerChild:
     def wait(self, silence: float = 90) -> int:
         """The exit code, once all of the output was read; the exit time and peak RSS are kept."""
         self._await(lambda: None, silence, "the exit")
-        deadline = time.monotonic() + silence
+        return self._reap(silence)
+
+    def _reap(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
         while self.exit_code is None:
             if self.popen.returncode is not None:  # reaped already by a Popen.poll() of the caller's
                 self.exited_at, self.exit_code = time.time(), self.popen.returncode
@@ -142,7 +145,7 @@ class TrainerChild:
                 self.max_rss_bytes = usage.ru_maxrss * 1024  # KiB on Linux
                 self.popen.returncode = self.exit_code  # reaped here: Popen must not wait for it again
             elif time.monotonic() > deadline:
-                raise TimeoutError(f"output ended but the process did not exit within {silence} s")
+                raise TimeoutError(f"the process did not exit within {timeout} s")
             else:
                 time.sleep(0.001)  # the exit time is measured to a millisecond
         return self.exit_code
@@ -166,9 +169,10 @@ class TrainerChild:
         os.killpg(self.pid, signum)
 
     def kill(self) -> None:
+        """SIGKILL to its process group, and reap it (a process of its own group may keep the output open)."""
         if self.exit_code is None:
             os.killpg(self.pid, signal.SIGKILL)
-        self.wait()
+            self._reap(90)
 
 
 class ChildExited(AssertionError):

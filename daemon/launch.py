@@ -90,6 +90,9 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
     # The ranks are not the service's main process: systemd hears from this one.
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)
+    # A store of the ranks' own, not the rendezvous's: shared, it keeps the previous attempt's
+    # addresses after a restart, and a restarted rank may connect to a dead one's (pytorch#135712).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     agent = build_agent(cfg, argv)
     outcome: dict = {}
 
