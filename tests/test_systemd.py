@@ -65,7 +65,7 @@ NO_RESTART_WAIT = 6 * RESTART_SEC
 # 40 steps an epoch (train_subset 4000, batch 100) x 16 epochs: about 5 s of training on an idle
 # machine of this kind, where the thirteen interruptions use some 100 to 400 steps in all.
 SETTINGS = {
-    "train.epochs": 16,
+    "train.epochs": 32,  # the ten preemptions and the SIGKILL must all land well before the end, under load too
     "checkpoint.every_steps": 10,
     "checkpoint.keep_last": 5,
     "log.progress_every_seconds": 0.1,
