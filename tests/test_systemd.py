@@ -62,10 +62,11 @@ INSTANCE_DROP_IN = "z-instance.conf"
 # Long enough to see that systemd did not restart a unit it must leave alone.
 NO_RESTART_WAIT = 6 * RESTART_SEC
 
-# 40 steps an epoch (train_subset 4000, batch 100) x 16 epochs: about 5 s of training on an idle
-# machine of this kind, where the thirteen interruptions use some 100 to 400 steps in all.
+# 40 steps an epoch (train_subset 4000, batch 100) x 32 epochs: about 10 s of training on an idle
+# machine of this kind, where the thirteen interruptions use some 100 to 400 steps in all, and up
+# to ~520 on a loaded one: they must all land well before the end.
 SETTINGS = {
-    "train.epochs": 32,  # the ten preemptions and the SIGKILL must all land well before the end, under load too
+    "train.epochs": 32,
     "checkpoint.every_steps": 10,
     "checkpoint.keep_last": 5,
     "log.progress_every_seconds": 0.1,
