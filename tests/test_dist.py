@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 
+from daemon.child import START
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 # 20 steps an epoch (2000 samples in global batches of 100), 3 epochs, dropout on.
@@ -83,4 +85,43 @@ def test_sigkill_of_a_rank_restarts_the_group_which_finishes_exactly(run_config,
 
     assert process.events("ranks_restarting")
     assert [e["rank"] for e in process.events("resumed")] == [0]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(run_config) -> tuple[TrainerProcess, TrainerProcess]:
+    """Two launchers of one rank each, as two machines would start them, meeting on 127.0.0.1."""
+    return TrainerProcess.start(run_config), TrainerProcess.start(run_config)
+
+
+def finish_nodes(nodes: tuple[TrainerProcess, TrainerProcess], expect: int) -> None:
+    pids = []
+    try:
+        for node in nodes:
+            pids += node.wait_for("ranks_started", silence=180, after=START)["pids"]
+        for node in nodes:
+            assert node.wait(180) == expect, node.output()
+    finally:
+        for node in nodes:
+            node.kill()
+        kill_ranks(pids)
+
+
+def test_sigterm_to_one_nodes_launcher_stops_both_nodes_and_resumes_exactly(run_config, reference_runs):
+    run_config.settings = {**SETTINGS, "dist.nnodes": 2, "dist.rdzv_endpoint": f"127.0.0.1:{free_port()}"}
+    first, second = two_nodes(run_config)
+    first.wait_for("checkpoint_saved", silence=180, checkpoint_global_step=10, rank=0)
+    second.signal(signal.SIGTERM)  # the other node's launcher: its rank stops, the agreement stops rank 0
+    finish_nodes((first, second), expect=75)
+    stopped = [event["global_step"] for node in (first, second) for event in node.events("stopped")]
+    assert len(stopped) == 2 and len(set(stopped)) == 1, stopped
+
+    run_config.settings = {**run_config.settings, "dist.rdzv_endpoint": f"127.0.0.1:{free_port()}"}
+    finish_nodes(two_nodes(run_config), expect=0)
+
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
