@@ -226,6 +226,9 @@ def _already_batched(batch):
     return batch
 
 
+MASK64 = 2**64 - 1
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 64-bit seed of its own for each sample of each epoch (splitmix64 of the three)."""
     z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & MASK64
@@ -233,8 +236,6 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
     return z ^ (z >> 31)
 
-
-MASK64 = 2**64 - 1
 
 
 class SeededSamples(Dataset):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import ExitCode
+from daemon.verify import first_difference
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +98,23 @@ def test_a_tasks_own_optimizer_and_scheduler_resume_exactly(run_config, referenc
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference)
     assert reference["optimizer"]["param_groups"][0]["momentum"] == 0.9
     assert reference["scheduler"]["last_epoch"] == 2  # stepped per epoch
+
+
+@pytest.mark.parametrize(
+    "without",
+    [
+        {"train.grad_accum_steps": 1},
+        {"train.precision": "fp32"},
+        {"optim.clip_grad_norm": None},
+        {"optim.warmup_steps": 0},
+        {"optim.scheduler": {"name": "step", "step_size": 3, "gamma": 0.7, "interval": "epoch"}},
+    ],
+    ids=["accumulation", "bf16", "clipping", "warmup", "per-step schedule"],
+)
+def test_each_training_feature_changes_what_is_trained(reference_runs, without):
+    """The exactness tests above pass whatever the features do: each must also take effect."""
+    settings = {**TINY, "train.epochs": 1}
+    assert first_difference(reference_runs(**settings), reference_runs(**{**settings, **without})) is not None
 
 
 def test_events_name_the_headline_metric_and_the_step_metrics(run_config):

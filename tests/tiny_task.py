@@ -1,5 +1,5 @@
 """A tiny task of the tests' own: a two-layer net on a fixed random regression problem, with
-augmentation noise drawn while fetching samples, a step metric, and state of its own (an
+augmentation noise drawn while fetching samples, its own collate_fn, a step metric, and state of its own (an
 exponential moving average of the weights). Options: `fail_at_step` raises in training_step;
 `own_optimizer` gives it configure_optimizers (momentum SGD, a StepLR per epoch)."""
 
@@ -50,16 +50,22 @@ class TinyTask:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    @staticmethod
+    def collate_fn(samples: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its own batching: (inputs, targets), where torch's default would make a dict."""
+        return torch.stack([s["x"] for s in samples]), torch.stack([s["y"] for s in samples])
+
+    def training_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         if self.steps == self.fail_at_step:
             raise ValueError("the tiny task fails on purpose")
         self.steps += 1
-        prediction = model(batch["x"])
-        loss = F.mse_loss(prediction.float(), batch["y"])
+        inputs, targets = batch
+        prediction = model(inputs)
+        loss = F.mse_loss(prediction.float(), targets)
         with torch.no_grad():
             for average, parameter in zip(self.average, model.parameters()):
                 average.lerp_(parameter.detach().float(), 0.1)
-        return loss, {"abs_error": (prediction.float() - batch["y"]).abs().mean()}
+        return loss, {"abs_error": (prediction.float() - targets).abs().mean()}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         inputs, targets = self.test
