@@ -6,7 +6,7 @@
   the task's step metrics), as `progress` reports them;
 - `eval`: each completed epoch's evaluation, training loss, seconds and headline metric;
 - `resume`: each resume (the checkpoint's kind and step, the steps redone);
-- `checkpoint`: each emergency and on-demand checkpoint (the marks of `trainer plot`).
+- `checkpoint`: each emergency and on-demand checkpoint, written just before it (the marks of `trainer plot`).
 
 JSON lines because the file is only ever appended to, a line torn by a power loss is found (it does
 not parse) and dropped alone, and `jq` reads it as it reads the logs. On resume every record past
@@ -89,7 +89,7 @@ class MetricsHistory:
         metrics = {key: value for key, value in entry.items() if key != "epoch"}
         self._append("eval", **metrics, seconds=round(seconds, 3), headline=headline)
 
-    def checkpoint_saved(self, kind: str) -> None:
+    def mark_checkpoint(self, kind: str) -> None:
         if kind in MARKED_KINDS:
             self._append("checkpoint", kind=kind)
 

@@ -311,8 +311,10 @@ class Trainer:
         return iter(self.data.loader)
 
     def _record_checkpoint(self, kind: str) -> None:
-        if self.history:
-            self.history.checkpoint_saved(kind)
+        """The history's mark of a checkpoint about to be written (before it, as every record of a
+        state: a mark without its file is dropped on resume, a file without its mark would stay so)."""
+        if self.history and not self.saver.up_to_date:
+            self.history.mark_checkpoint(kind)
 
     def _after_step(self) -> ExitCode | None:
         """The safe point after each step: act on the requests every rank agreed on, save when due,
@@ -324,8 +326,8 @@ class Trainer:
             return self._stop()
         self.saver.poll()
         if requests.save:
-            self.saver.save("on_demand", wait=True)
             self._record_checkpoint("on_demand")
+            self.saver.save("on_demand", wait=True)
         elif self._periodic_save_due(requests.periodic):
             self.saver.save("periodic", wait=False)
         self.dist.post(self._requests)
@@ -351,10 +353,10 @@ class Trainer:
         if self.scheduler and self.schedules["scheduler"] == "epoch":
             self.scheduler.step()
         entry = self.progress.complete_epoch(evaluation)
-        self.saver.save("final" if self._finished() else "epoch", wait=True)
         headline = next(iter(evaluation), "train_loss")
-        if self.history:
+        if self.history:  # before the checkpoint of this state: a kill between them must not lose the record
             self.history.epoch_done(entry, train_seconds, headline)
+        self.saver.save("final" if self._finished() else "epoch", wait=True)
         self.log.info(
             "epoch_completed",
             **self._position(),  # epoch: epochs completed, this one included
@@ -398,8 +400,8 @@ class Trainer:
             self.saver.drain()
             self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())
         else:
-            self.saver.save("emergency", wait=True)
             self._record_checkpoint("emergency")
+            self.saver.save("emergency", wait=True)
         for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
             self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
         self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())

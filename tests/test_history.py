@@ -117,3 +117,33 @@ def test_plot_of_a_directory_without_history_is_a_config_error(run_config):
     assert plot.wait() == ExitCode.CONFIG
     (error,) = plot.events("config_error")
     assert "no metrics history" in error["message"]
+
+
+def test_each_epoch_checkpoint_finds_its_evaluation_already_recorded(run_config):
+    """A kill right after an epoch's checkpoint is durable must not lose the epoch's record: the
+    resumed run goes on past that state and never writes it again."""
+    import structlog
+
+    from daemon.config import Config
+    from daemon.signals import SignalRecorder
+    from daemon.systemd import Notifier
+    from daemon.trainer import Trainer
+
+    run_config.settings = {**SETTINGS, "checkpoint.dir": str(run_config.checkpoint_dir)}
+    trainer = Trainer(Config.from_yaml(run_config.write()), SignalRecorder(), Notifier())
+    store, saved_without_record = trainer.saver.store, []
+    write = store.save
+
+    def save_and_look(state: dict):
+        records, _ = read_records(store.directory / HISTORY_FILE)
+        here = (state["global_step"], state["epoch"])
+        if state["kind"] in ("epoch", "final") and not any(
+            r["record"] == "eval" and (r["global_step"], r["epoch"]) == here for r in records
+        ):
+            saved_without_record.append(here)
+        return write(state)
+
+    store.save = save_and_look  # the real store writes; this only looks at the history first
+    with structlog.testing.capture_logs():
+        assert trainer.run() == ExitCode.COMPLETE
+    assert saved_without_record == []
