@@ -349,7 +349,11 @@ class Trainer:
 
     def _complete_epoch(self, started: float, steps: int) -> None:
         train_seconds = time.monotonic() - started
-        evaluation = self.evaluate()
+        try:
+            evaluation = self.evaluate()
+        except ConfigError:
+            self.saver.save("emergency", wait=True)  # the epoch's training is kept for the mended task
+            raise
         if self.scheduler and self.schedules["scheduler"] == "epoch":
             self.scheduler.step()
         entry = self.progress.complete_epoch(evaluation)

@@ -157,6 +157,16 @@ def test_a_task_that_raises_ends_as_a_crash_with_its_traceback(run_config):
     assert "the tiny task fails on purpose" in str(crashed["exception"])
 
 
+def test_an_evaluation_named_like_the_daemons_metrics_is_a_config_error_and_loses_nothing(run_config):
+    run_config.settings = {**TINY, "task.options": {"metric": "train_mse"}}
+    process = TrainerProcess.start(run_config)
+    assert process.wait() == ExitCode.CONFIG, process.output()
+    (error,) = process.events("config_error")
+    assert "evaluates metrics named ['train_mse']" in error["message"]
+    (saved,) = [e for e in process.events("checkpoint_saved") if e["kind"] == "emergency"]
+    assert saved["global_step"] == 10  # the first epoch's steps, trained before the evaluation
+
+
 def test_resuming_with_another_task_version_or_options_is_refused(run_config):
     run_config.settings = {**TINY, "train.epochs": 1}
     run_to_end(run_config)

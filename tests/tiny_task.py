@@ -1,7 +1,8 @@
 """A tiny task of the tests' own: a two-layer net on a fixed random regression problem, with
 augmentation noise drawn while fetching samples, its own collate_fn, a step metric, and state of its own (an
 exponential moving average of the weights). Options: `fail_at_step` raises in training_step;
-`own_optimizer` gives it configure_optimizers (momentum SGD, a StepLR per epoch)."""
+`own_optimizer` gives it configure_optimizers (momentum SGD, a StepLR per epoch); `metric` names
+its evaluation."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class TinyTask:
     version = "1"
 
     def __init__(self, context: TaskContext) -> None:
-        options = {"samples": 480, "fail_at_step": None, "own_optimizer": False, **context.options}
+        options = {"samples": 480, "fail_at_step": None, "own_optimizer": False, "metric": "test_mse", **context.options}
         generator = torch.Generator().manual_seed(1234)  # the problem, fixed whatever train.seed is
         inputs = torch.randn(options["samples"], FEATURES, generator=generator)
         targets = inputs @ torch.randn(FEATURES, 1, generator=generator) + 0.1
@@ -41,6 +42,7 @@ class TinyTask:
         self.model = nn.Sequential(nn.Linear(FEATURES, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
         self.average = [p.detach().clone() for p in self.model.parameters()]
         self.fail_at_step = options["fail_at_step"]
+        self.metric = options["metric"]
         self.steps = 0
         if options["own_optimizer"]:  # the optional part: present only when asked for
             self.configure_optimizers = self._momentum_sgd
@@ -69,7 +71,7 @@ class TinyTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         inputs, targets = self.test
-        return {"test_mse": F.mse_loss(model(inputs).float(), targets).item()}
+        return {self.metric: F.mse_loss(model(inputs).float(), targets).item()}
 
     def state_dict(self) -> dict:
         return {"average": [tensor.clone() for tensor in self.average], "steps": self.steps}
