@@ -34,7 +34,7 @@ class Terminal:
         self.stopping = False  # an emergency save is under way
         self.stopped = False  # and done: the run exits 75
 
-    # structlog's PrintLogger calls these with each rendered line
+    # structlog's WriteLogger calls these with each rendered line
     def write(self, text: str) -> None:
         text = text.rstrip("\n")
         if text:

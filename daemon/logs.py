@@ -87,7 +87,10 @@ def configure(level: str = "info", fmt: str = "auto") -> str:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level][0]),
-        logger_factory=structlog.PrintLoggerFactory(output),
+        # Each line in one write, newline included: the ranks of a run share stdout (the journal's
+        # stream), and unbuffered (PYTHONUNBUFFERED=1, as the units set it) print()'s separate
+        # write of the newline let another rank's line in between.
+        logger_factory=structlog.WriteLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
     run_id = uuid.uuid4().hex[:12]

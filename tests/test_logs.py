@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def test_other_stdout_gets_bare_json(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (it inherits $JOURNAL_STREAM, naming the journal's stream and not its own stdout)."""
     lines = log_to(tmp_path / "out", monkeypatch, journal_stream=journal_stream)
     assert [json.loads(line)["level"] for line in lines] == ["debug", "info", "warning", "error", "error", "critical"]
+
+
+def test_processes_sharing_stdout_write_whole_lines() -> None:
+    """The ranks of a run share one stdout, unbuffered under systemd: each line is written whole."""
+    chatter = "from daemon import logs; logs.configure('info', 'json')\nfor i in range(2000): logs.get().info('tick', i=i)"
+    read, write = os.pipe()
+    ranks = [subprocess.Popen([sys.executable, "-c", chatter], stdout=write, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+             for _ in range(2)]  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as shared:
+        lines = shared.read().splitlines()
+    assert [rank.wait() for rank in ranks] == [0, 0]
+    assert sorted(json.loads(line)["i"] for line in lines) == sorted(list(range(2000)) * 2)
