@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import random
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,11 @@ def prepare_mnist(root: Path, download: bool) -> list[str]:
         raw.mkdir(parents=True, exist_ok=True)
         for name in missing:
             if name not in unshipped:
-                extract_archive(SHIPPED_DIR / f"{name}.gz", raw)
+                # Through a folder of this process's own, then renamed into place: the ranks of a
+                # run lay the files out at once, and none may check another's half-written file.
+                with tempfile.TemporaryDirectory(prefix=".extract-", dir=raw) as scratch:
+                    extract_archive(SHIPPED_DIR / f"{name}.gz", scratch)
+                    os.replace(Path(scratch) / name, raw / name)
         if unshipped and download:
             for train in (True, False):
                 MNIST(root, train=train, download=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision import transforms
@@ -30,6 +34,23 @@ def test_layout_verifies_checksums_and_repairs_a_damaged_file(tmp_path):
 
     assert prepare_mnist(tmp_path, download=False) == ["t10k-labels-idx1-ubyte"]
     assert prepare_mnist(tmp_path, download=False) == []
+
+
+def test_layout_shows_only_whole_files(tmp_path):
+    """The ranks of a run lay the dataset out at once: a file another process is still writing
+    failed their checksum (exit 66). Watched from here while a process lays the files out, a file
+    is either absent or whole."""
+    raw = tmp_path / "MNIST" / "raw"
+    lay_out = f"from pathlib import Path; import daemon.data as d; d.prepare_mnist(Path({str(tmp_path)!r}), False)"
+    laying_out = subprocess.Popen([sys.executable, "-c", lay_out])
+    seen: set[tuple[str, int]] = set()
+    while laying_out.poll() is None:
+        for name in MNIST_MD5:
+            with contextlib.suppress(FileNotFoundError):
+                seen.add((name, (raw / name).stat().st_size))
+    assert laying_out.returncode == 0
+    whole = {(name, (raw / name).stat().st_size) for name in MNIST_MD5}
+    assert seen <= whole, seen - whole
 
 
 def test_resumed_epoch_yields_exactly_the_batches_not_yet_trained():
