@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
+import uuid
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -35,6 +38,7 @@ from daemon.systemd import Notifier
 FINAL_EXITS = (ExitCode.CONFIG, ExitCode.CANT_WRITE, ExitCode.IN_USE, ExitCode.NO_INPUT, ExitCode.CRASH_LOOP, ExitCode.STOPPED)
 SUPERVISE_EVERY = 0.05  # seconds between the main thread's looks at signals and the agent
 RUN_ID = "trainer"  # the rendezvous of this config's nodes: the same on every node
+CREDENTIALS = struct.Struct("3i")  # struct ucred: the sender's pid, uid, gid
 
 
 class _Agent(LocalElasticAgent):
@@ -87,9 +91,13 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
     log = logs.get()
     # JSON lines only on stdout: the agent's own log lines say in events of ours what they would.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    # The ranks are not the service's main process: systemd hears from this one.
+    # The ranks are not the service's main process: systemd hears from this one, and the ranks'
+    # own notifications reach only the heartbeats.
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)
+    heartbeats = Heartbeats(notifier.watchdog_seconds) if notifier.watchdog_seconds else None
+    if heartbeats:
+        os.environ.update(heartbeats.environ)
     # A store of the ranks' own, not the rendezvous's: shared, it keeps the previous attempt's
     # addresses after a restart, and a restarted rank may connect to a dead one's (pytorch#135712).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -116,7 +124,10 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
             log.info("ranks_started", pids=pids, nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes)
             notifier.ready(f"{len(pids)} ranks training")
         forwarder.forward(pids)
-        notifier.watchdog()
+        if heartbeats and heartbeats.all_beat(pids):
+            notifier.watchdog()
+    if heartbeats:
+        heartbeats.close()
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
@@ -125,6 +136,42 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
     log.info("ranks_exited", exit_codes={str(rank): code or 0 for rank, code in exits.items()}, exit_code=int(code))
     notifier.stopping(f"ranks exited, {int(code)}")
     return code
+
+
+class Heartbeats:
+    """The ranks' watchdog pets, passed on to systemd only once every rank has sent one: a rank
+    stuck in a step or a collective then stops the service's pets, and WatchdogSec= kills and
+    restarts the service as it would a single process. Each rank's own Notifier sends them, to a
+    socket of this process named as its NOTIFY_SOCKET; the kernel says which process sent each."""
+
+    def __init__(self, watchdog_seconds: float) -> None:
+        name = f"trainer-ranks-{uuid.uuid4().hex}"  # abstract: nothing to clean up on disk
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.socket.bind("\0" + name)
+        # The ranks pet at twice this process's rate: a whole round arrives within each of its intervals.
+        self.environ = {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": str(int(watchdog_seconds * 1e6 / 2))}
+        self.beat: set[int] = set()  # ranks (pids) heard from since the last whole round
+
+    def all_beat(self, pids: list[int]) -> bool:
+        """Whether every rank in `pids` has sent a pet since the last time this said so."""
+        while True:
+            try:
+                message, ancillary, _flags, _address = self.socket.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size))
+            except BlockingIOError:
+                break
+            if b"WATCHDOG=1" not in message.split(b"\n"):
+                continue
+            for level, kind, data in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                    self.beat.add(CREDENTIALS.unpack(data[: CREDENTIALS.size])[0])
+        if not pids or not self.beat.issuperset(pids):
+            return False
+        self.beat.clear()
+        return True
+
+    def close(self) -> None:
+        self.socket.close()
 
 
 class Forwarder:

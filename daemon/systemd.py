@@ -31,6 +31,11 @@ class Notifier:
     def enabled(self) -> bool:
         return self._socket is not None
 
+    @property
+    def watchdog_seconds(self) -> float:
+        """The WatchdogSec= this process must honour; 0 without a watchdog."""
+        return self._watchdog_interval * 2
+
     def _send(self, **fields: object) -> None:
         if self._socket is None:
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import pytest
 
@@ -125,3 +126,36 @@ def test_sigterm_to_one_nodes_launcher_stops_both_nodes_and_resumes_exactly(run_
     finish_nodes(two_nodes(run_config), expect=0)
 
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
+
+
+def watchdog_pets(sock: socket.socket, seconds: float) -> int:
+    """How many WATCHDOG=1 the launcher sent systemd's stand-in within `seconds`."""
+    pets, deadline = 0, time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            pets += b"WATCHDOG=1" in sock.recv(4096).split(b"\n")
+        except TimeoutError:
+            break
+    return pets
+
+
+def test_the_watchdog_follows_every_ranks_progress(run_config, tmp_path):
+    """The launcher pets systemd's watchdog only while every rank trains: with one rank frozen
+    (the other then waits in a collective), the pets stop, and WatchdogSec= would restart the unit."""
+    run_config.settings = {**ranks(2), "train.epochs": 100}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify"))
+        watchdog = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}
+        process = TrainerProcess.start(run_config, env=watchdog)
+        pids = process.wait_for("ranks_started")["pids"]
+        try:
+            process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
+            assert watchdog_pets(systemd, 2) >= 2  # every 0.5 s while the ranks train
+            os.kill(pids[1], signal.SIGSTOP)
+            watchdog_pets(systemd, 0.6)  # a pet in flight, and a whole round begun before the stop
+            assert watchdog_pets(systemd, 3) == 0  # systemd would have killed it after 1 s
+            assert process.popen.poll() is None
+        finally:
+            process.kill()
+            kill_ranks(pids)
