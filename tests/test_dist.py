@@ -12,14 +12,8 @@ import time
 import pytest
 
 from daemon.child import START
-from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
-
-# 20 steps an epoch (2000 samples in global batches of 100), 3 epochs, dropout on.
-SETTINGS = {"data.train_subset": 2000, "data.test_subset": 500, "checkpoint.every_steps": 5}
-
-
-def ranks(nproc: int) -> dict:
-    return {**SETTINGS, "dist.nproc_per_node": nproc}
+from trainer_proc import DIST_SETTINGS as SETTINGS
+from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, ranks, run_to_end
 
 
 def kill_ranks(pids: list[int]) -> None:

@@ -45,7 +45,7 @@ import yaml
 from daemon.checkpoint import CheckpointStore
 from daemon.child import matches, parse_event
 from systemd_harness import INNER_ENV, BootedSystemd, missing_requirements, verify_unit
-from trainer_proc import SMALL_SETTINGS, assert_same_training, final_checkpoint
+from trainer_proc import SMALL_SETTINGS, assert_same_training, final_checkpoint, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -660,6 +660,45 @@ def test_death_by_sigterm_restarts(service: Service, follow) -> None:
     journal.wait_message(f"{unit}: Scheduled restart job, restart counter is at 1.")
     sd.systemctl("stop", unit)
     assert service.show(unit, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+
+
+def test_two_ranks_preempted_restart_and_finish_exactly(service: Service, follow, reference_runs) -> None:
+    """trainer@dist trains with two ranks (the network drop-in, as the README says: gloo speaks TCP
+    on loopback). A SIGTERM to the main process, the launcher, reaches both ranks; they stop after
+    the same step, rank 0 makes the emergency checkpoint durable, the launcher exits 75 and systemd
+    restarts it; the finished run equals an unbroken 2-rank run bitwise."""
+    sd, instance = service.sd, "dist"
+    unit = f"trainer@{instance}.service"
+    # 200 steps: the journal may show step 10 a second or two late on a loaded machine, and the
+    # signal must still land mid-run.
+    settings = {**ranks(2), "train.epochs": 10}
+    service.write_config(instance, settings)
+    sd.write_file(f"{SYSTEM}/{unit}.d/network.conf", (UNIT_DIR / "network.conf").read_text())
+    sd.systemctl("daemon-reload")
+    journal = follow(unit)
+    sd.systemctl("start", unit)
+    launcher = assert_started(service, unit)  # READY=1 from the launcher, once the ranks run
+    journal.wait_event("checkpoint_saved", None, rank=0, checkpoint_global_step=10)
+
+    sd.run("kill", "-TERM", str(launcher))
+    new_launcher = wait_restarted(service, unit, launcher, restarts=1)  # after 75: RestartForceExitStatus=
+    exited = journal.wait_event("ranks_exited", launcher)
+    assert exited["exit_code"] == EXIT_STOPPED and exited["exit_codes"] == {"0": EXIT_STOPPED, "1": EXIT_STOPPED}
+    stopped = [journal.wait_event("stopped", None, rank=rank) for rank in (0, 1)]
+    assert len({position(event) for event in stopped}) == 1, stopped
+    assert stopped[0]["global_step"] < 200, "the run was over before the signal: raise train.epochs"
+    (emergency,) = journal.events("checkpoint_saved", None, rank=0, kind="emergency")
+    assert position(emergency) == position(stopped[0])
+    resumed = journal.wait_event("resumed", None, rank=0)
+    assert position(resumed) == position(emergency) and resumed["kind"] == "emergency"
+
+    sd.wait_for(
+        lambda: service.show(unit, "ActiveState")["ActiveState"] == "inactive", timeout=300, interval=0.5,
+        what="training to complete",
+    )  # fmt: skip
+    assert journal.wait_event("ranks_exited", new_launcher)["exit_code"] == 0
+    assert service.show(unit, "Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
+    assert_same_training(final_checkpoint(service.checkpoint_dir(instance)), reference_runs(**settings))
 
 
 def test_exec_failure_does_not_loop(service: Service, follow) -> None:

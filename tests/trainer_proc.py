@@ -23,6 +23,14 @@ SMALL_SETTINGS = {
     "log.format": "json",
 }
 
+# Runs of several ranks: 20 steps an epoch (2000 samples in global batches of 100), 3 epochs.
+DIST_SETTINGS = {"data.train_subset": 2000, "data.test_subset": 500, "checkpoint.every_steps": 5}
+
+
+def ranks(nproc: int) -> dict:
+    """DIST_SETTINGS trained by `nproc` ranks on one node."""
+    return {**DIST_SETTINGS, "dist.nproc_per_node": nproc}
+
 
 @dataclass
 class RunConfig:
