@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -17,7 +18,9 @@ EVAL_BATCH_SIZE = 1000  # the daemon's train.eval_batch_size
 
 def emit(event: str, **fields: object) -> None:
     """One JSON line on stdout stamped with the wall clock, which run.py compares with the launch time."""
-    print(json.dumps({"event": event, "time": time.time(), **fields}), flush=True)
+    # One write, newline included: the ranks of bench/plain_ddp.py share stdout.
+    sys.stdout.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+    sys.stdout.flush()
 
 
 def mlp(hidden: list[int]) -> nn.Sequential:
