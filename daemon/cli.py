@@ -15,7 +15,7 @@ from daemon.crashloop import CrashLoopGuard
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
 from daemon.systemd import Notifier
-from daemon.threads import configure_before_torch
+from daemon.threads import configure_before_torch, hand_over
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str]) -> int:
 
     log = logs.get()
     notifier = Notifier()
-    threads = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
+    cpu = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
     keep_freed_memory()  # before torch allocates anything
     try:
         if cfg.dist.launches and "RANK" not in os.environ:  # not yet one of the ranks: start them
@@ -81,14 +81,27 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str]) -> int:
 
             from daemon.trainer import Trainer  # imports torch: after the signal handlers are in place
 
-            torch.set_num_threads(threads)  # as already in force, unless a script imported torch first
-            return Trainer(cfg, signals, notifier).run()
+            torch.set_num_threads(cpu.threads)  # as already in force, unless a script imported torch first
+            trainer = Trainer(cfg, signals, notifier, cpu)
+            code = trainer.run()
     except TrainerError as exc:
         log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code), **exc.fields)
         return exc.exit_code
     except Exception:
         log.exception("crashed", exit_code=int(ExitCode.FAILURE))
         return ExitCode.FAILURE
+    if trainer.handover is None:
+        return code
+    try:
+        hand_over(trainer.handover, signals)  # on success, never returns
+    except OSError as exc:
+        log.error("handover_failed", message=f"could not start the process to hand over to: {exc}; the checkpoint "
+                  f"holds the position, a restart resumes it", exit_code=int(ExitCode.STOPPED))  # fmt: skip
+        return ExitCode.STOPPED
+    for event in signals.unreported_stops():
+        log.info("signal_received", signal=event.name, during="handover")
+    log.info("stopped", exit_code=int(ExitCode.STOPPED))
+    return ExitCode.STOPPED
 
 
 def _verify(args: argparse.Namespace) -> int:

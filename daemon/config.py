@@ -115,7 +115,7 @@ class TrainConfig:
     # instead of making it silently inexact. false: such ops run, and resume is no longer bitwise.
     deterministic: bool = True
     cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (README, "Threads")
-    cpu_wait: str = "bounded"  # how OpenMP threads wait at a barrier: "bounded" spin, "active", "passive"
+    cpu_wait: str = "auto"  # how OpenMP threads wait at a barrier: "auto" (follows the machine), "bounded", "active", "passive"
     grad_accum_steps: int = 1  # batches of batch_size whose gradients make one optimizer step
     precision: str = "fp32"  # "bf16": autocast to bfloat16 (CPU, CUDA); "fp16": float16 with loss scaling (CUDA)
 

@@ -7,15 +7,19 @@ own start-up, before any code of ours runs (README, "Signals").
 """
 
 import os
+import signal
 import sys
 
-from daemon.signals import SignalRecorder
+from daemon.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
 
 
 def main() -> None:
     """Run the command line; exits the process with its code (never returns)."""
     signals = SignalRecorder()
     signals.install()
+    # A run that handed over to this process blocked them before its exec (daemon/threads.py): what
+    # arrived since is pending and reaches the handlers now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
     from daemon.cli import main as run_cli  # structlog, yaml, argparse: after the handlers
 
     code = run_cli(signals)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import logs
@@ -46,8 +47,9 @@ class LoggedStep:
 class ProgressReporter:
     def __init__(
         self, log, notifier: Notifier, progress: TrainProgress, logged: LoggedStep, *,
-        every_seconds: float, steps_per_epoch: int, epochs: int,
+        every_seconds: float, steps_per_epoch: int, epochs: int, details: Callable[[], dict] = dict,
     ) -> None:  # fmt: skip
+        """`details`: more fields for each `progress` event, as the run has them then."""
         self.log = log
         self.notifier = notifier
         self.progress = progress
@@ -55,6 +57,7 @@ class ProgressReporter:
         self.every_seconds = every_seconds
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
+        self.details = details
         self._at, self._step = time.monotonic(), 0
         self.view = None  # the live display, on a terminal
 
@@ -100,6 +103,7 @@ class ProgressReporter:
             loss=round(loss, 5),
             **{name: round(value, 5) for name, value in self.progress.mean_metrics().items()},
             steps_per_s=round(rate, 1),
+            **self.details(),
         )
         self.notifier.status(self.status_text(loss))
 

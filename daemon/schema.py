@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 FORMAT_VERSION = 1
-KINDS = ("periodic", "epoch", "emergency", "on_demand", "final")
+KINDS = ("periodic", "epoch", "emergency", "on_demand", "handover", "final")
 # What every checkpoint of this format holds besides the run's registered state (daemon/registry.py):
 # where the run stands (TrainProgress) and what it was trained with.
 REQUIRED_KEYS = frozenset(

@@ -15,18 +15,43 @@ about it are settled here rather than left to the environment:
 * How long a thread spins at a barrier before it sleeps (`train.cpu_wait`). libgomp's default is
   300,000 spins, milliseconds of burnt CPU per wait: on a shared machine the thread being waited
   for is often descheduled, and the team spends its time slices spinning (README, "Threads").
+  `auto` chooses at start from what other work is doing on our CPUs (daemon/contention.py), and
+  the run switches later by handing over to a fresh process (`hand_over`): the waiting policy
+  changes no result, and the resume from the handover checkpoint is exact.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import signal
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from daemon import contention
+from daemon.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
 
 # libgomp's spin count for each `train.cpu_wait`; None: libgomp's own default (300,000).
 # "bounded" is libgomp's throttled count, the one it uses itself when threads outnumber CPUs.
 SPIN_COUNTS = {"bounded": 1000, "passive": 0, "active": None}
-WAIT_POLICIES = tuple(SPIN_COUNTS)
+WAIT_POLICIES = ("auto", *SPIN_COUNTS)
+# Set by a run handing over to its successor: the waiting policy the successor starts with.
+HANDOVER_VARIABLE = "TRAINER_CPU_WAIT_HANDOVER"
+
+
+@dataclass(frozen=True)
+class CpuSetting:
+    threads: int
+    wait: str  # the policy in force: never "auto"
+    others_cpus: float | None  # what `auto` measured at start (None: not measured)
+    handed_over: bool  # this process took over from a run that switched its policy
+
+    @property
+    def switchable(self) -> bool:
+        """`auto` follows the machine from here: a team of threads, and a policy it chose itself."""
+        return self.threads > 1 and self.wait in ("active", "bounded") and (self.handed_over or self.others_cpus is not None)
 
 
 def available_cpus() -> int:
@@ -53,14 +78,47 @@ def environment(threads: int, wait: str) -> dict[str, str]:
     return env
 
 
-def configure_before_torch(threads: int | None, wait: str) -> int:
-    """Set the runtime variables for this process (and the DataLoader workers it forks); return the
-    thread count. Must run before torch is first imported: libgomp reads them once, when it loads."""
+def configure_before_torch(threads: int | None, wait: str) -> CpuSetting:
+    """Set the runtime variables for this process (and the DataLoader workers it forks); return
+    what is in force. Must run before torch is first imported: libgomp reads them once, when it loads."""
     count = threads if threads is not None else available_cpus()
+    handover = os.environ.pop(HANDOVER_VARIABLE, None)
+    others = None
+    if wait == "auto":
+        if handover in SPIN_COUNTS:
+            wait = handover
+        else:
+            handover = None
+            wait, others = contention.policy_at_start() if count > 1 else ("active", None)
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         os.environ.pop(name, None)  # ours, not inherited ones, decide the waiting
     os.environ.update(environment(count, wait))
-    return count
+    return CpuSetting(count, wait, others, handed_over=handover is not None)
+
+
+def hand_over(wait: str, signals: SignalRecorder) -> None:
+    """Replace this process with a fresh run of the same command line that waits with `wait`; it
+    resumes from the checkpoint just written. Returns only where a stop was recorded first (the
+    checkpoint holds the position: the caller exits as stopped) or the exec failed.
+
+    The signals are blocked from the check on: one that arrives now stays pending through the exec
+    and reaches the successor's handlers once they are installed (daemon/entry.py). No DataLoader
+    worker may outlive this image: the process keeps its PID, so a worker would not see its parent go."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
+    if signals.stop_requested:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
+        return
+    for child in multiprocessing.active_children():
+        child.kill()  # workers ignore the stop signals
+        child.join()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[HANDOVER_VARIABLE] = wait
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    finally:  # only after a failed exec
+        os.environ.pop(HANDOVER_VARIABLE, None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
 
 
 def in_force() -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from daemon import dist, lock, logs, threads
+from daemon.contention import WaitAdvisor
 from daemon.checkpoint import CheckpointStore
 from daemon.config import Config, exactness_fingerprint
 from daemon.data import build_train_data, map_tensors
@@ -27,6 +28,7 @@ from daemon.state import RNGState, TrainProgress
 from daemon.stepping import Stepper
 from daemon.systemd import Notifier
 from daemon.task import TaskContext, build_task, has_state, version_of
+from daemon.threads import CpuSetting
 
 
 # How torch words the error an op without a deterministic kernel raises under use_deterministic_algorithms.
@@ -44,10 +46,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, signals: SignalRecorder, notifier: Notifier) -> None:
+    def __init__(self, cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuSetting) -> None:
         self.cfg = cfg
         self.signals = signals
         self.notifier = notifier
+        self.cpu = cpu
+        self.handover: str | None = None  # the waiting policy of the process this run hands over to
         self.log = logs.get()
         device = resolve_device(cfg.train.device)
         self.dist = dist.join(cfg.dist, device)  # a rank of a process group, when a launcher started one
@@ -94,11 +98,14 @@ class Trainer:
             self.registry.register("task", self.task)
         self.schedules = {**schedules, **({"warmup": "step"} if self.warmup else {})}
 
+        # A rank cannot restart alone: a group keeps the policy each rank chose at start.
+        switching = cfg.train.cpu_wait == "auto" and cpu.switchable and self.dist.world_size == 1
+        self.waiting = WaitAdvisor(cpu.wait, cpu.handed_over) if switching else None
         store = CheckpointStore(Path(cfg.checkpoint.dir), cfg.checkpoint.keep_last)
         logged = LoggedStep(store.directory)
         self.reporter = ProgressReporter(
             self.log, notifier, self.progress, logged, every_seconds=cfg.log.progress_every_seconds,
-            steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
+            steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs, details=self._progress_details,
         )  # fmt: skip
         writer = self.dist.writer(store) if cfg.checkpoint.async_save else None
         self.saver = Saver(cfg.checkpoint, self.dist.store(store), writer, self.state_dict, self.reporter, logged, self.log)
@@ -120,6 +127,12 @@ class Trainer:
             fingerprint=self.fingerprint,
             **self._test_samples(),
         )
+
+    def _progress_details(self) -> dict:
+        """What `train.cpu_wait: auto` last measured: other work's use of this run's CPUs."""
+        if self.waiting is None or self.waiting.others is None:
+            return {}
+        return {"cpu_wait": self.waiting.policy, "others_cpus": round(self.waiting.others, 2)}
 
     def _test_samples(self) -> dict:
         test_set = getattr(self.task, "test_set", None)
@@ -203,6 +216,9 @@ class Trainer:
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
             torch_version=torch.__version__,
             cpu_wait=self.cfg.train.cpu_wait,
+            cpu_wait_in_force=self.cpu.wait,
+            others_cpus=None if self.cpu.others_cpus is None else round(self.cpu.others_cpus, 2),
+            cpu_wait_switching=self.waiting is not None,
             precision=self.cfg.train.precision,
             **threads.in_force(),
             **cuda,
@@ -332,6 +348,8 @@ class Trainer:
             self.saver.save("periodic", wait=False)
         self.dist.post(self._requests)
         self.reporter.report_if_due()
+        if self.waiting and (policy := self.waiting.poll()):
+            return self._hand_over(policy)
         return None
 
     def _requests(self) -> dist.Requests:
@@ -400,13 +418,28 @@ class Trainer:
         # Ask systemd for room in its stop timeout, should this save be slow.
         self.notifier.extend_timeout(10 + 4 * self.saver.last_save_ms / 1e3)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
+        self._save_position("emergency")
+        for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
+            self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
+        self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())
+        return ExitCode.STOPPED
+
+    def _save_position(self, kind: str) -> None:
+        """A durable checkpoint of this step, unless the newest one holds it already."""
         if self.saver.up_to_date:
             self.saver.drain()
             self.log.info("checkpoint_skipped", reason="no step trained since the newest checkpoint", **self._position())
         else:
-            self._record_checkpoint("emergency")
-            self.saver.save("emergency", wait=True)
-        for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
-            self.log.info("signal_received", signal=event.name, during="emergency_save", **self._position())
-        self.log.info("stopped", exit_code=int(ExitCode.STOPPED), **self._position())
+            self._record_checkpoint(kind)
+            self.saver.save(kind, wait=True)
+
+    def _hand_over(self, policy: str) -> ExitCode:
+        """Switch the OpenMP waiting policy, which libgomp reads only when it loads: checkpoint this
+        step, then the process is replaced by one that resumes here (daemon/threads.py, `hand_over`)."""
+        self.log.info(
+            "cpu_wait_switch", **{"from": self.cpu.wait}, to=policy, others_cpus=round(self.waiting.others, 2), **self._position()
+        )  # fmt: skip
+        self.notifier.status(f"switching cpu_wait to {policy} at step {self.progress.global_step}")
+        self._save_position("handover")
+        self.handover = policy
         return ExitCode.STOPPED

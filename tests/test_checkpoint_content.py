@@ -13,12 +13,9 @@ import pytest
 import structlog
 import torch
 
-from daemon.config import Config
 from daemon.errors import ExitCode, IncompatibleCheckpoint
-from daemon.signals import SignalRecorder
-from daemon.systemd import Notifier
 from daemon.trainer import Trainer
-from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
+from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, in_process_trainer, run_to_end
 
 
 def _set(path: tuple, value):
@@ -146,7 +143,7 @@ class InProcessRun:
     def __init__(self, config: RunConfig) -> None:
         config.settings = {**FUZZ_SETTINGS, "checkpoint.dir": str(config.checkpoint_dir)}
         self.directory = config.checkpoint_dir
-        self.trainer = Trainer(Config.from_yaml(config.write()), SignalRecorder(), Notifier())
+        self.trainer = in_process_trainer(config)
         with structlog.testing.capture_logs():
             assert self.trainer.run() == ExitCode.COMPLETE
         self.files = {int(p.name[5:15]): (p.name, p.read_bytes()) for p in self.directory.glob("ckpt-*.pt")}

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.errors import ExitCode
 from daemon.history import HISTORY_FILE, read_records
-from trainer_proc import RunConfig, TrainerProcess, run_to_end
+from trainer_proc import RunConfig, TrainerProcess, in_process_trainer, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 5, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}
 MOMENT = ("time", "seconds")  # when a record was written and how long an epoch took: not the run's content
@@ -124,13 +124,8 @@ def test_each_epoch_checkpoint_finds_its_evaluation_already_recorded(run_config)
     resumed run goes on past that state and never writes it again."""
     import structlog
 
-    from daemon.config import Config
-    from daemon.signals import SignalRecorder
-    from daemon.systemd import Notifier
-    from daemon.trainer import Trainer
-
     run_config.settings = {**SETTINGS, "checkpoint.dir": str(run_config.checkpoint_dir)}
-    trainer = Trainer(Config.from_yaml(run_config.write()), SignalRecorder(), Notifier())
+    trainer = in_process_trainer(run_config)
     store, saved_without_record = trainer.saver.store, []
     write = store.save
 

@@ -19,7 +19,7 @@ CANT_WRITE = 73
 
 def read_only(directory) -> tuple[str, ...]:
     """A wrapper command: the rest of the command line runs with `directory` mounted read-only."""
-    script = f'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
     return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(directory))
 
 

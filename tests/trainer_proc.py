@@ -21,6 +21,9 @@ SMALL_SETTINGS = {
     "checkpoint.every_seconds": 0,
     "checkpoint.keep_last": 50,
     "log.format": "json",
+    # A fixed waiting policy: with `auto` a run may hand over to a fresh process when the machine's
+    # load changes, an extra resume that a test counting them would not expect (test_cpu_wait.py sets it).
+    "train.cpu_wait": "bounded",
 }
 
 # Runs of several ranks: 20 steps an epoch (2000 samples in global batches of 100), 3 epochs.
@@ -61,6 +64,21 @@ class TrainerProcess(TrainerChild):
     ) -> TrainerProcess:
         path = config.write()
         return cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, env=env, wrapper=wrapper)
+
+
+def in_process_trainer(config: RunConfig):
+    """The daemon's Trainer built in this process from the config's file, for tests that reach into
+    a run (its waiting policy is this process's own: libgomp is loaded already)."""
+    import torch
+
+    from daemon.config import Config
+    from daemon.signals import SignalRecorder
+    from daemon.systemd import Notifier
+    from daemon.threads import CpuSetting
+    from daemon.trainer import Trainer
+
+    cpu = CpuSetting(torch.get_num_threads(), "active", None, handed_over=False)
+    return Trainer(Config.from_yaml(config.write()), SignalRecorder(), Notifier(), cpu)
 
 
 def run_to_end(config: RunConfig) -> TrainerProcess:
