@@ -11,6 +11,7 @@ import sys
 from daemon import logs
 from daemon.allocator import keep_freed_memory
 from daemon.config import Config
+from daemon.contention import CpuSampler
 from daemon.crashloop import CrashLoopGuard
 from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.signals import SignalRecorder
@@ -42,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
-    """`signals`: installed by the entry point (daemon/entry.py) before this module was imported."""
+def main(signals: SignalRecorder, argv: list[str] | None = None, started: CpuSampler | None = None) -> int:
+    """`signals`: installed by the entry point (daemon/entry.py) before this module was imported;
+    `started`: its look at the machine's CPUs (None: not the `trainer` command's own process)."""
     args = _parser().parse_args(argv)
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
@@ -58,16 +60,16 @@ def main(signals: SignalRecorder, argv: list[str] | None = None) -> int:
         return _verify(args)
     if args.command == "plot":
         return _plot(cfg, args)
-    return _run(cfg, signals, sys.argv[1:] if argv is None else argv)
+    return _run(cfg, signals, sys.argv[1:] if argv is None else argv, started)
 
 
-def _run(cfg: Config, signals: SignalRecorder, argv: list[str]) -> int:
+def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSampler | None) -> int:
     import contextlib
     from pathlib import Path
 
     log = logs.get()
     notifier = Notifier()
-    cpu = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait)
+    cpu = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait, started)
     keep_freed_memory()  # before torch allocates anything
     try:
         if cfg.dist.launches and "RANK" not in os.environ:  # not yet one of the ranks: start them

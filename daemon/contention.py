@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import resource
 import time
-from pathlib import Path
 
 # CPUs' worth of time other work used: from this much the run shares its CPUs; below the quiet
 # level it has them to itself. Between the two, the policy in force stays (hysteresis).
@@ -42,11 +41,13 @@ class CpuSampler:
         self._cpus = {f"cpu{n}" for n in os.sched_getaffinity(0)}
         self._tick_s = 1 / os.sysconf("SC_CLK_TCK")
         self._last = self._read()
+        self.since = time.monotonic()
 
     def _read(self) -> tuple[float, float, float] | None:
         """(wall time, busy CPU seconds of our CPUs, this process's CPU seconds); None without /proc/stat."""
         try:
-            lines = Path("/proc/stat").read_text().splitlines()
+            with open("/proc/stat") as stat:
+                lines = stat.read().splitlines()
         except OSError:
             return None
         busy = 0
@@ -67,11 +68,11 @@ class CpuSampler:
         return max(0.0, ((now[1] - before[1]) - (now[2] - before[2])) / (now[0] - before[0]))
 
 
-def policy_at_start() -> tuple[str, float | None]:
+def policy_at_start(sampler: CpuSampler) -> tuple[str, float | None]:
     """The waiting policy for a run starting now, and the measure it is chosen on: `bounded` where
-    other work is busy on our CPUs (or nothing can be measured), else `active`."""
-    sampler = CpuSampler()
-    time.sleep(START_SAMPLE_S)
+    other work is busy on our CPUs (or nothing can be measured), else `active`. `sampler`: begun as
+    early as the process could (its imports and config parsing overlap the look)."""
+    time.sleep(max(0.0, START_SAMPLE_S - (time.monotonic() - sampler.since)))
     others = sampler.others()
     return ("active" if others is not None and others < SHARED_CPUS else "bounded"), others
 

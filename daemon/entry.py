@@ -20,9 +20,13 @@ def main() -> None:
     # A run that handed over to this process blocked them before its exec (daemon/threads.py): what
     # arrived since is pending and reaches the handlers now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
+    # `train.cpu_wait: auto` looks at what other work does on our CPUs while the rest loads.
+    from daemon.contention import CpuSampler
+
+    started = CpuSampler()
     from daemon.cli import main as run_cli  # structlog, yaml, argparse: after the handlers
 
-    code = run_cli(signals)
+    code = run_cli(signals, started=started)
     # All is saved, closed and flushed. The handlers stay in place to the end: the interpreter's
     # finalization would put the default ones back (a signal then would kill a process that has
     # finished its work) and collect every object torch made (~1 s) while a stopping systemd waits.

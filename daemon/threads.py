@@ -47,11 +47,14 @@ class CpuSetting:
     wait: str  # the policy in force: never "auto"
     others_cpus: float | None  # what `auto` measured at start (None: not measured)
     handed_over: bool  # this process took over from a run that switched its policy
+    own_process: bool = True  # the `trainer` command, free to re-execute itself (not `daemon.run` in a script)
 
     @property
     def switchable(self) -> bool:
-        """`auto` follows the machine from here: a team of threads, and a policy it chose itself."""
-        return self.threads > 1 and self.wait in ("active", "bounded") and (self.handed_over or self.others_cpus is not None)
+        """`auto` follows the machine from here: a team of threads, a policy it chose itself, and a
+        process that is the trainer's own."""
+        measured = self.handed_over or self.others_cpus is not None
+        return self.own_process and self.threads > 1 and self.wait in ("active", "bounded") and measured
 
 
 def available_cpus() -> int:
@@ -78,22 +81,24 @@ def environment(threads: int, wait: str) -> dict[str, str]:
     return env
 
 
-def configure_before_torch(threads: int | None, wait: str) -> CpuSetting:
+def configure_before_torch(threads: int | None, wait: str, started: contention.CpuSampler | None) -> CpuSetting:
     """Set the runtime variables for this process (and the DataLoader workers it forks); return
-    what is in force. Must run before torch is first imported: libgomp reads them once, when it loads."""
+    what is in force. Must run before torch is first imported: libgomp reads them once, when it loads.
+    `started`: the look at the machine begun at the process's start (daemon/entry.py); None where
+    the run is not a process of its own (`daemon.run` in a script), which never hands over."""
     count = threads if threads is not None else available_cpus()
-    handover = os.environ.pop(HANDOVER_VARIABLE, None)
+    handover = os.environ.pop(HANDOVER_VARIABLE, None) if started else None
     others = None
     if wait == "auto":
         if handover in SPIN_COUNTS:
             wait = handover
         else:
             handover = None
-            wait, others = contention.policy_at_start() if count > 1 else ("active", None)
+            wait, others = contention.policy_at_start(started or contention.CpuSampler()) if count > 1 else ("active", None)
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         os.environ.pop(name, None)  # ours, not inherited ones, decide the waiting
     os.environ.update(environment(count, wait))
-    return CpuSetting(count, wait, others, handed_over=handover is not None)
+    return CpuSetting(count, wait, others, handed_over=handover is not None, own_process=started is not None)
 
 
 def hand_over(wait: str, signals: SignalRecorder) -> None:

@@ -5,10 +5,7 @@ at start, never quiet), the test says so and skips rather than guess."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,21 +13,9 @@ import pytest
 from daemon.child import event_time
 from daemon.contention import QUIET_CPUS, QUIET_FOR_S, SHARED_CPUS
 from daemon.errors import ExitCode
-from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint
+from trainer_proc import TrainerProcess, assert_same_training, busy_loops, final_checkpoint
 
-BUSY_LOOPS = (os.cpu_count() or 1) + 1  # more runnable work than CPUs, whatever else runs
 SETTINGS = {"train.cpu_wait": "auto", "train.cpu_threads": 2, "log.progress_every_seconds": 1}
-
-
-@contextlib.contextmanager
-def busy_loops():
-    loops = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(BUSY_LOOPS)]
-    try:
-        yield
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
 
 
 def processes_running(config: Path) -> list[int]:
@@ -49,7 +34,7 @@ def test_busy_work_makes_a_spinning_run_hand_over_exactly(run_config, reference_
     """Started on a quiet machine the run spins (`active`); busy loops beside it make it checkpoint
     and hand over to a fresh process (same PID) that sleeps at barriers (`bounded`), leaving no
     DataLoader worker behind; the run then ends bitwise equal to an unbroken one."""
-    settings = {**SETTINGS, "train.max_steps": 400, "data.num_workers": 2}
+    settings = {**SETTINGS, "train.epochs": 10, "data.num_workers": 2}  # 400 steps
     run_config.settings = settings
     process = TrainerProcess.start(run_config)
     start = process.wait_for("determinism")

@@ -45,7 +45,7 @@ import yaml
 from daemon.checkpoint import CheckpointStore
 from daemon.child import matches, parse_event
 from systemd_harness import INNER_ENV, BootedSystemd, missing_requirements, verify_unit
-from trainer_proc import SMALL_SETTINGS, assert_same_training, final_checkpoint, ranks
+from trainer_proc import SMALL_SETTINGS, assert_same_training, busy_loops, final_checkpoint, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -699,6 +699,37 @@ def test_two_ranks_preempted_restart_and_finish_exactly(service: Service, follow
     assert journal.wait_event("ranks_exited", new_launcher)["exit_code"] == 0
     assert service.show(unit, "Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
     assert_same_training(final_checkpoint(service.checkpoint_dir(instance)), reference_runs(**settings))
+
+
+def test_a_cpu_wait_handover_keeps_the_main_pid_and_the_run_exact(service: Service, follow, reference_runs) -> None:
+    """`train.cpu_wait: auto` under the hardened unit: busy loops beside a spinning run make it
+    checkpoint and re-execute itself with the other policy. systemd sees one main process throughout
+    (the same PID, no restart, READY=1 again is harmless), and the run ends bitwise equal to an
+    unbroken one."""
+    sd, instance = service.sd, "handover"
+    unit = f"trainer@{instance}.service"
+    settings = {"train.cpu_wait": "auto", "train.cpu_threads": 2, "train.epochs": 10}
+    service.write_config(instance, settings)
+    journal = follow(unit)
+    sd.systemctl("start", unit)
+    pid = assert_started(service, unit)
+    start = journal.wait_event("determinism", pid)
+    assert start["others_cpus"] is not None, "the unit cannot read /proc/stat: auto cannot measure"
+    if start["cpu_wait_in_force"] != "active":
+        sd.systemctl("stop", unit)
+        pytest.skip(f"other work used {start['others_cpus']} CPUs at start: the run chose bounded, nothing to switch from")
+    with busy_loops():
+        switch = journal.wait_event("cpu_wait_switch", pid, to="bounded")
+        resumed = journal.wait_event("resumed", pid, kind="handover")
+    assert position(resumed) == position(switch)
+    assert service.show(unit, "MainPID", "NRestarts") == {"MainPID": str(pid), "NRestarts": "0"}
+    sd.wait_for(
+        lambda: service.show(unit, "ActiveState")["ActiveState"] == "inactive", timeout=300, interval=0.5,
+        what="training to complete",
+    )  # fmt: skip
+    assert service.show(unit, "Result", "ExecMainStatus", "NRestarts") == {"Result": "success", "ExecMainStatus": "0", "NRestarts": "0"}
+    assert journal.events("training_completed", pid), "the run completed in another process than the one started"
+    assert_same_training(final_checkpoint(service.checkpoint_dir(instance)), reference_runs(**{**settings, "train.cpu_wait": "bounded"}))
 
 
 def test_exec_failure_does_not_loop(service: Service, follow) -> None:

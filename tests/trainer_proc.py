@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,19 @@ class TrainerProcess(TrainerChild):
     ) -> TrainerProcess:
         path = config.write()
         return cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, env=env, wrapper=wrapper)
+
+
+@contextlib.contextmanager
+def busy_loops():
+    """Shell busy loops, one more than this machine has CPUs: more runnable work than CPUs,
+    whatever else runs."""
+    loops = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
 
 
 def in_process_trainer(config: RunConfig):
