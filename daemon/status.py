@@ -23,14 +23,20 @@ RATE_RECORDS = 10  # the ETA's rate: over the newest training records since the 
 
 def report(cfg: Config) -> dict:
     directory = Path(cfg.checkpoint.dir)
-    entries = CheckpointStore(directory, cfg.checkpoint.keep_last).scan()
+    entries, modified = [], []
+    for entry in CheckpointStore(directory, cfg.checkpoint.keep_last).scan():
+        try:
+            modified.append(entry.path.stat().st_mtime)
+        except FileNotFoundError:
+            continue  # deleted since the listing by a running trainer's retention: pruned, not invalid
+        entries.append(entry)
     running = holder(directory)
     resume = next((entry for entry in entries if entry.valid), None)
     records, _ = read_records(directory / HISTORY_FILE)
     state = resume.state if resume else None
     total = _total_steps(state, cfg) if state else None
     complete = bool(state and (state["epoch"] >= cfg.train.epochs or (total is not None and state["global_step"] >= total)))
-    newest = max((entry.path.stat().st_mtime for entry in entries if entry.valid), default=None)
+    newest = max((mtime for entry, mtime in zip(entries, modified) if entry.valid), default=None)
     return {
         "checkpoint_dir": cfg.checkpoint.dir,
         "run_in_progress": running is not None,

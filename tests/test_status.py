@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import signal
 
+from daemon.config import Config
 from daemon.errors import ExitCode
+from daemon.status import report
 from trainer_proc import TrainerProcess, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 2, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}
@@ -50,3 +52,19 @@ def test_status_after_resumes_counts_them_and_lists_the_epochs(run_config):
     assert "resumed 2 times (2 from emergency)" in shown
     assert "   3  train_loss " in shown and "test_accuracy" in shown
     assert len(shown.splitlines()) < 25  # one screen
+
+
+def test_status_beside_a_pruning_trainer_shows_no_pruned_file_as_invalid(run_config):
+    """Retention deletes checkpoints while status reads them: a file gone since the listing was
+    pruned, not broken, and status must neither call it invalid nor fail on it."""
+    run_config.settings = {**SETTINGS, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1, "train.epochs": 30,
+                           "checkpoint.dir": str(run_config.checkpoint_dir)}  # fmt: skip
+    process = TrainerProcess.start(run_config)
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=5)
+        cfg = Config.from_yaml(run_config.write())
+        looks = [report(cfg) for _ in range(100)]
+    finally:
+        process.kill()
+    assert all(row["valid"] for look in looks for row in look["checkpoints"]), "a pruned file shown as invalid"
+    assert looks[-1]["global_step"] > looks[0]["global_step"]  # it looked while the trainer went on
