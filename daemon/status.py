@@ -19,17 +19,12 @@ from daemon.history import HISTORY_FILE, read_records
 from daemon.lock import describe, holder
 
 RATE_RECORDS = 10  # the ETA's rate: over the newest training records since the last resume
+SCAN_TRIES = 5  # listings of a directory whose files a running trainer replaces meanwhile
 
 
 def report(cfg: Config) -> dict:
     directory = Path(cfg.checkpoint.dir)
-    entries, modified = [], []
-    for entry in CheckpointStore(directory, cfg.checkpoint.keep_last).scan():
-        try:
-            modified.append(entry.path.stat().st_mtime)
-        except FileNotFoundError:
-            continue  # deleted since the listing by a running trainer's retention: pruned, not invalid
-        entries.append(entry)
+    entries, modified = _checkpoints(CheckpointStore(directory, cfg.checkpoint.keep_last))
     running = holder(directory)
     resume = next((entry for entry in entries if entry.valid), None)
     records, _ = read_records(directory / HISTORY_FILE)
@@ -64,6 +59,24 @@ def report(cfg: Config) -> dict:
         "resumes": dict(Counter(r["kind"] for r in records if r["record"] == "resume")),
         "eta_s": None if complete or total is None else _eta(records, total),
     }
+
+
+def _checkpoints(store: CheckpointStore) -> tuple[list, list[float]]:
+    """The checkpoints and their modification times. A file deleted since the listing was pruned by a
+    running trainer's retention, not broken: the directory is listed again, since the file that
+    replaced it may have been renamed into place after the listing."""
+    for _ in range(SCAN_TRIES):
+        entries, modified, vanished = [], [], False
+        for entry in store.scan():
+            try:
+                modified.append(entry.path.stat().st_mtime)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            entries.append(entry)
+        if not vanished:
+            break
+    return entries, modified
 
 
 def _total_steps(state: dict, cfg: Config) -> int | None:

@@ -34,7 +34,7 @@ def test_busy_work_makes_a_spinning_run_hand_over_exactly(run_config, reference_
     """Started on a quiet machine the run spins (`active`); busy loops beside it make it checkpoint
     and hand over to a fresh process (same PID) that sleeps at barriers (`bounded`), leaving no
     DataLoader worker behind; the run then ends bitwise equal to an unbroken one."""
-    settings = {**SETTINGS, "train.epochs": 10, "data.num_workers": 2}  # 400 steps
+    settings = {**SETTINGS, "train.epochs": 50, "data.num_workers": 2}  # 2000 steps: seconds of them beside the loops
     run_config.settings = settings
     process = TrainerProcess.start(run_config)
     start = process.wait_for("determinism")
