@@ -23,7 +23,6 @@ about it are settled here rather than left to the environment:
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -113,6 +112,8 @@ def hand_over(wait: str, signals: SignalRecorder) -> None:
     if signals.stop_requested:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
         return
+    import multiprocessing  # here only: every command imports this module (the config's policies)
+
     for child in multiprocessing.active_children():
         child.kill()  # workers ignore the stop signals
         child.join()

@@ -370,7 +370,7 @@ class Trainer:
         try:
             evaluation = self.evaluate()
         except ConfigError:
-            self.saver.save("emergency", wait=True)  # the epoch's training is kept for the mended task
+            self._save_position("emergency")  # the epoch's training is kept for the mended task
             raise
         if self.scheduler and self.schedules["scheduler"] == "epoch":
             self.scheduler.step()
