@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import threading
 from pathlib import Path
 
 from daemon.child import TrainerChild, event_time
@@ -54,3 +55,31 @@ def step_s(child: TrainerChild) -> float:
 
 def tail(child: TrainerChild) -> str:
     return f"$ {' '.join(child.argv)}\n" + "".join(child.lines[-15:])
+
+
+class PeakRSS:
+    """The highest VmHWM read from each of some processes' /proc while they live (the ranks of a
+    daemon run are not its children: wait4 does not report them)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            for pid in self.pids:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak[pid] = max(self.peak.get(pid, 0), int(line.split()[1]) * 1024)
+
+    def stop(self) -> list[int]:
+        self._done.set()
+        self._thread.join()
+        return [self.peak.get(pid, 0) for pid in self.pids]

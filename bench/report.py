@@ -9,7 +9,7 @@ import platform
 import statistics
 
 from processes import REPO
-from scenarios import CONTENDED, TASK, THROUGHPUT
+from scenarios import CONTENDED, DDP, TASK, THROUGHPUT
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
 README_BEGIN = "<!-- bench:begin: written by bench/run.py --update-readme -->"
@@ -131,12 +131,39 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     invalid = sigkill["checkpoints"] - sigkill["valid"] if sigkill["write_cut_short"] else math.nan
     targets.append(("invalid checkpoints after SIGKILL inside a background write", invalid, "<=", 0))
     targets.append(("example CNN: daemon / its plain loop, s/epoch", figures["task"]["ratio"]["median"], "<=", 1.10))
+    ddp = figures["ddp"] = several_ranks(samples)
+    targets += [
+        ("2 ranks: daemon / plain DDP, s/epoch", ddp["ratio"]["median"], "<=", 1.05),
+        ("2 ranks: the agreement's cost, % of the plain DDP epoch", ddp["agreement_percent"]["median"], "<=", 2.0),
+        ("2 ranks: peak RSS per rank, MB (1.1 × plain's + one snapshot)", ddp["rss_mb"]["ddp_daemon"], "<=", ddp["rss_limit_mb"]),
+        ("2 ranks: SIGTERM → durable, s (2 steps + 1.25 × raw)", ddp["durable_s"]["median"], "<=", ddp["budget_s"]),
+    ]
     passed = {"<=": lambda v, limit: v <= limit, "<": lambda v, limit: v < limit, ">=": lambda v, limit: v >= limit}
     checks = [
         {"target": name, "value": value, "op": op, "limit": limit, "pass": passed[op](value, limit)}
         for name, value, op, limit in targets
     ]
     return figures, checks
+
+
+def several_ranks(samples: dict[str, list]) -> dict:
+    seconds = {contender: samples[f"ddp.{contender}.seconds"] for contender in DDP}
+    stops = samples["ddp.stop"]
+    step_s = statistics.median(stop["step_s"] for stop in stops)
+    raw_s = statistics.median(samples["raw_save.ddp_s"])
+    plain_rss = max(samples["ddp.ddp_plain.max_rss"])
+    return {
+        **{contender: spread(values) for contender, values in seconds.items()},
+        "ratio": spread([d / p for d, p in zip(seconds["ddp_daemon"], seconds["ddp_plain"])]),
+        # Within each repetition, as the throughput ratios: the plain loop with the agreement against without.
+        "agreement_percent": spread([100 * (a / p - 1) for a, p in zip(seconds["ddp_plain_agreement"], seconds["ddp_plain"])]),
+        "rss_mb": {contender: max(samples[f"ddp.{contender}.max_rss"]) / 1e6 for contender in DDP},
+        "rss_limit_mb": (1.1 * plain_rss + statistics.median(stop["bytes"] for stop in stops)) / 1e6,
+        "durable_s": spread([stop["durable_s"] for stop in stops]),
+        "step_s": step_s,
+        "raw_save_s": spread(samples["raw_save.ddp_s"]),
+        "budget_s": 2 * step_s + 1.25 * raw_s,
+    }
 
 
 # -- output --------------------------------------------------------------------------------
@@ -237,8 +264,25 @@ def tables(figures: dict, checks: list[dict]) -> list[Table]:
                 ["ratio daemon / plain", mmm(figures["task"]["ratio"])],
             ],
         ),
+        several_ranks_table(figures["ddp"]),
         ("Targets (on medians)", ["target", "value", "limit", ""], verdicts),
     ]
+
+
+def several_ranks_table(ddp: dict) -> Table:
+    labels = {
+        "ddp_daemon": "daemon, dist.nproc_per_node 2",
+        "ddp_plain": "plain DDP under torchrun (bench/plain_ddp.py)",
+        "ddp_plain_agreement": "the same, posting the daemon's agreement at each step",
+    }
+    rows = [[label, mmm(ddp[name], digits=2), f"{ddp['rss_mb'][name]:.0f}"] for name, label in labels.items()]
+    rows += [
+        ["ratio daemon / plain", mmm(ddp["ratio"]), ""],
+        ["the agreement's cost, % of the plain epoch", mmm(ddp["agreement_percent"], digits=1), ""],
+        [f"SIGTERM to the launcher → durable, s (a step {ddp['step_s'] * 1e3:.1f} ms, raw save "
+         f"{mmm(ddp['raw_save_s'])})", mmm(ddp["durable_s"]), ""],
+    ]  # fmt: skip
+    return ("8. Two ranks (DDP, gloo, one thread each), one epoch of the MLP", ["contender", "s/epoch", "peak RSS per rank, MB"], rows)
 
 
 def as_text(table: Table) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.child import START, TrainerChild, event_time
-from processes import BENCH, CONFIG, REPO, daemon, finish, script, step_s
+from processes import BENCH, CONFIG, REPO, PeakRSS, daemon, finish, script, step_s
 
 BIG_HIDDEN = [5600, 5600, 5600, 5600]  # 98.5M parameters
 TINY_PROGRESS = {"log.progress_every_seconds": 0.001}  # a `progress` event after every step
@@ -36,6 +36,12 @@ DAEMON_POLICIES = {
     "d": {"checkpoint.every_steps": 50, "log.level": "debug"},  # debug: the `checkpoint_snapshot` stall events
     "d_sync": {"checkpoint.every_steps": 50, "checkpoint.async_save": False},
 }
+RANKS = 2
+# Both sides of the several-ranks comparison run one thread per rank (torchrun's default), no checkpoints.
+DDP_DAEMON = {"dist.nproc_per_node": RANKS, "train.cpu_threads": 1, "checkpoint.every_steps": 0, "checkpoint.every_seconds": 0}
+DDP = ("ddp_plain", "ddp_plain_agreement", "ddp_daemon")
+
+
 @dataclass(frozen=True)
 class Plan:
     reps: int  # repetitions of the MLP measurements
@@ -47,15 +53,16 @@ class Plan:
     big_plain_steps: int
     contended_reps: int  # repetitions of the shared-machine measurements
     task_reps: int  # repetitions of the example CNN against its plain loop
+    ddp_reps: int  # repetitions of the two-rank measurements
 
 
 FULL = Plan(
     reps=9, big_reps=2, big_save_every_s=8, big_async_saves=3, big_sync_saves=2, raw_repeats=3, big_plain_steps=6,
-    contended_reps=3, task_reps=3,
+    contended_reps=3, task_reps=3, ddp_reps=5,
 )  # fmt: skip
 QUICK = Plan(
     reps=1, big_reps=1, big_save_every_s=8, big_async_saves=2, big_sync_saves=1, raw_repeats=1, big_plain_steps=3,
-    contended_reps=1, task_reps=1,
+    contended_reps=1, task_reps=1, ddp_reps=1,
 )  # fmt: skip
 
 
@@ -264,6 +271,41 @@ class Bench:
         finish(child, 0)
         self.record("memory.big_plain.max_rss", child.max_rss_bytes)
 
+    def ddp_epoch(self, contender: str) -> None:
+        """One epoch of two ranks: the daemon (its launcher starts them) or bench/plain_ddp.py
+        under torchrun, with or without the daemon's agreement posted at each step."""
+        if contender == "ddp_daemon":
+            run_dir = self.fresh_dir("ddp")
+            child = self.daemon(run_dir, DDP_DAEMON)
+            peaks = PeakRSS(child.wait_for("ranks_started")["pids"])
+            finish(child, 0)
+            seconds = [child.wait_for("epoch_completed", rank=rank, after=START)["seconds"] for rank in range(RANKS)]
+            rss = peaks.stop()
+        else:
+            argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", str(BENCH / "plain_ddp.py")]
+            extra = ["--agreement"] if contender == "ddp_plain_agreement" else []
+            child = TrainerChild([sys.executable, *argv, f"--data-root={self.data}", *extra], REPO, {"OMP_NUM_THREADS": "1"})
+            finish(child, 0)
+            seconds = [e["seconds"] for e in child.events("epoch_completed")]
+            rss = [e["bytes"] for e in child.events("peak_rss")]
+        self.record(f"ddp.{contender}.seconds", max(seconds))  # the slower rank's: the group's epoch
+        self.record(f"ddp.{contender}.max_rss", max(rss))
+
+    def ddp_stop(self) -> None:
+        """SIGTERM to the daemon's launcher at a random point of a step, 50 steps in: until the
+        emergency checkpoint is durable (rank 0's `checkpoint_saved`), against a raw save of it."""
+        run_dir = self.fresh_dir("ddp")
+        child = self.daemon(run_dir, {**DDP_DAEMON, **TINY_PROGRESS})
+        first = child.wait_for("progress")
+        child.wait_for("progress", where=lambda e: e["global_step"] >= first["global_step"] + 50)
+        time.sleep(self.random.uniform(0, 0.01))
+        sent = child.signal(signal.SIGTERM)
+        finish(child, 75)
+        saved = child.wait_for("checkpoint_saved", kind="emergency", after=START)
+        steps = [cost["step_ms_mean"] / 1e3 for cost in child.events("agreement_cost")]
+        self.record("ddp.stop", {"durable_s": event_time(saved) - sent, "step_s": max(steps), "bytes": saved["bytes"]})
+        self.raw_save("ddp", Path(saved["path"]), repeats=1, pause_s=RAW_PAUSE_S["mlp"])
+
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, log: Callable[[str], None]) -> None:
@@ -291,6 +333,12 @@ class Bench:
                     self.big(rep, write)
                 log(f"rep {rep + 1}/{self.plan.reps}: 100M model, plain loop")
                 self.big_plain()
+            if rep < self.plan.ddp_reps:
+                for contender in DDP[rep % len(DDP):] + DDP[:rep % len(DDP)]:
+                    log(f"rep {rep + 1}/{self.plan.reps}: two ranks, {contender}")
+                    self.ddp_epoch(contender)
+                log(f"rep {rep + 1}/{self.plan.reps}: two ranks, SIGTERM to the launcher")
+                self.ddp_stop()
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
