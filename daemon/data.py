@@ -195,6 +195,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         """How many samples batch number `batch` of an epoch holds (the last one may be short)."""
         return min(self.batch_size, self.num_samples - batch * self.batch_size)
 
+    def own_length(self, batch: int) -> int:
+        """How many samples of batch number `batch` are this rank's."""
+        return len(range(self.rank, self.batch_length(batch), self.world_size))
+
     def start_at(self, batch: int) -> None:
         self.start_batch = batch
 

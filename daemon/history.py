@@ -53,9 +53,8 @@ def _position(record: dict) -> tuple[int, int]:
 
 
 class MetricsHistory:
-    def __init__(self, directory: Path, every_steps: int, progress: TrainProgress, log) -> None:
+    def __init__(self, directory: Path, progress: TrainProgress, log) -> None:
         self.path = directory / HISTORY_FILE
-        self.every_steps = every_steps
         self.progress = progress
         self.log = log
         self._file = None
@@ -81,9 +80,8 @@ class MetricsHistory:
         if resumed_kind is not None:
             self._append("resume", kind=resumed_kind, steps_redone=steps_redone)
 
-    def step_done(self) -> None:
-        if self.every_steps and self.progress.global_step % self.every_steps == 0:
-            self._append("train", loss=self.progress.mean_loss(), **self.progress.mean_metrics())
+    def train_record(self, loss: float, metrics: dict[str, float]) -> None:
+        self._append("train", loss=loss, **metrics)
 
     def epoch_done(self, entry: dict, seconds: float, headline: str) -> None:
         metrics = {key: value for key, value in entry.items() if key != "epoch"}

@@ -6,6 +6,7 @@ Stored as tensors and plain values only, so a checkpoint loads with weights_only
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,14 +30,16 @@ class TrainProgress:
         self.loss_sum = self.loss_sum.to(device)
         return self
 
-    def record_batch(self, loss: torch.Tensor, batch_samples: int, metrics: dict | None = None) -> None:
-        """A batch trained (one of the optimizer step's batches under gradient accumulation)."""
-        self.loss_sum.add_(loss.detach(), alpha=batch_samples)
+    def record_batch(self, loss: torch.Tensor, batch_samples: int, own_samples: int, metrics: dict | None = None) -> None:
+        """A batch trained (one of the optimizer step's batches under gradient accumulation):
+        `batch_samples` in the whole batch, `own_samples` of them in this rank's slice, over which
+        `loss` and `metrics` are means (the same number when one process trains)."""
+        self.loss_sum.add_(loss.detach(), alpha=own_samples)
         for name, value in (metrics or {}).items():
             total = self.metric_sums.get(name)
             if total is None:
                 total = self.metric_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
-            total.add_(torch.as_tensor(value).detach().to(total.device), alpha=batch_samples)
+            total.add_(torch.as_tensor(value).detach().to(total.device), alpha=own_samples)
         self.samples += batch_samples
 
     def record_step(self) -> None:
@@ -44,16 +47,28 @@ class TrainProgress:
         self.global_step += 1
 
     def mean_loss(self) -> float:
+        """This process's running loss (its rank's slice of the epoch in flight)."""
         return self.loss_sum.item() / max(self.samples, 1)
 
     def mean_metrics(self) -> dict[str, float]:
-        """The task's step metrics averaged over the epoch in flight, as `train_<name>`."""
+        """The task's step metrics averaged over the epoch in flight, as `train_<name>` (this
+        process's slice)."""
         return {f"train_{name}": total.item() / max(self.samples, 1) for name, total in self.metric_sums.items()}
 
-    def complete_epoch(self, evaluation: dict[str, float]) -> dict:
-        """Close the epoch in flight: record its evaluation (headline first) and training metrics,
-        and start the next one."""
-        entry = {"epoch": self.epoch + 1, **evaluation, "train_loss": self.mean_loss(), **self.mean_metrics()}
+    def _summed(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+        """The running sums, loss first, then each step metric, summed over the ranks."""
+        return sum_over_ranks(torch.stack([self.loss_sum, *self.metric_sums.values()])).tolist()
+
+    def running_means(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """The epoch in flight's mean loss and `train_<name>` step metrics over every rank's samples."""
+        loss, *metrics = (total / max(self.samples, 1) for total in self._summed(sum_over_ranks))
+        return loss, {f"train_{name}": value for name, value in zip(self.metric_sums, metrics)}
+
+    def complete_epoch(self, evaluation: dict[str, float], sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Close the epoch in flight: record its evaluation (headline first) and training metrics
+        (over every rank's samples), and start the next one."""
+        loss, metrics = self.running_means(sum_over_ranks)
+        entry = {"epoch": self.epoch + 1, **evaluation, "train_loss": loss, **metrics}
         self.history.append(entry)
         self.epoch += 1
         self.step_in_epoch = 0
@@ -71,10 +86,13 @@ class TrainProgress:
         name = next(key for key in entry if key != "epoch")
         return {"headline": name, name: entry[name]}
 
-    def state_dict(self) -> dict:
-        metrics = {"loss_sum": self.loss_sum.item(), "samples": self.samples}
+    def state_dict(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """The position and history, and the running sums of every rank together (each rank's own
+        are `RunningSums`)."""
+        loss_sum, *sums = self._summed(sum_over_ranks)
+        metrics = {"loss_sum": loss_sum, "samples": self.samples}
         if self.metric_sums:  # only a task with step metrics has them: the format is unchanged otherwise
-            metrics["sums"] = {name: total.item() for name, total in self.metric_sums.items()}
+            metrics["sums"] = dict(zip(self.metric_sums, sums))
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -94,6 +112,23 @@ class TrainProgress:
             for name, total in state["metrics"].get("sums", {}).items()
         }
         self.history = [dict(entry) for entry in state["history"]]
+
+
+class RunningSums:
+    """One rank's own running sums of the epoch in flight, when several train: the checkpoint's
+    `metrics` hold their sum over the ranks, and a resumed rank must go on from its own."""
+
+    def __init__(self, progress: TrainProgress) -> None:
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        p = self.progress
+        return {"loss_sum": p.loss_sum.item(), "sums": {name: total.item() for name, total in p.metric_sums.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        p = self.progress
+        p.loss_sum.fill_(state["loss_sum"])
+        p.metric_sums = {name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device) for name, total in state["sums"].items()}
 
 
 class RNGState:

@@ -4,6 +4,7 @@ accumulation), in the configured precision, then clipping and the optimizer's st
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 from daemon.config import TrainConfig
 from daemon.errors import ConfigError
-from daemon.task import Task
+from daemon.state import RNGState
+from daemon.task import Task, has_state
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,16 +34,50 @@ class Stepper:
         self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         # fp16's loss scale adapts as training goes: its state is part of the checkpoint.
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self._layout_settled = not isinstance(model, nn.parallel.DistributedDataParallel)
 
     def accumulate(self, batch: Any, share: int) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one batch, its gradient weighted 1/`share` (the batches of this
         optimizer step); returns its loss (unweighted) and step metrics."""
-        with self._autocast():
-            out = self.task.training_step(self.model, batch)
-        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        if not self._layout_settled:
+            self._settle_bucket_layout(batch)
+        loss, metrics = self._forward(batch)
         scaled = loss / share if share > 1 else loss
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss, metrics
+
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
+        with self._autocast():
+            out = self.task.training_step(self.model, batch)
+        return out if isinstance(out, tuple) else (out, {})
+
+    def _settle_bucket_layout(self, batch: Any) -> None:
+        """DDP lays its gradient buckets out anew after a process's first backward, in the order the
+        gradients became ready, and from 3 ranks on another layout sums in another order: a resumed
+        process would reduce its first step unlike the unbroken run did. So every process runs one
+        forward and backward on its first batch before training, and undoes all it changed but the
+        layout: the gradients, the RNG draws (dropout), the buffers (batch-norm statistics) and the
+        task's own state."""
+        rng = RNGState.state_dict()
+        buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+        task_state = copy.deepcopy(self.task.state_dict()) if has_state(self.task) else None
+        self._forward(batch)[0].backward()
+        unused = [name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise ConfigError(
+                f"task.entry: the training step leaves parameters without a gradient ({', '.join(unused[:5])}"
+                f"{', ...' if len(unused) > 5 else ''}); with several ranks every trained parameter must be used "
+                f"by every step: freeze the others (requires_grad=False) or leave them out of the model"
+            )
+        for parameter in self.model.parameters():
+            parameter.grad = None
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(buffers[name])
+        RNGState.load_state_dict(rng)
+        if task_state is not None:
+            self.task.load_state_dict(task_state)
+        self._layout_settled = True
 
     def step(self) -> None:
         """The optimizer's step on the accumulated gradients, which are then cleared."""

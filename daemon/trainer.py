@@ -24,7 +24,7 @@ from daemon.resume import Resumer
 from daemon.saving import Saver
 from daemon.schema import FORMAT_VERSION, CheckpointSchema, RunShape, probe_optimizer
 from daemon.signals import SignalRecorder, stop_signals_blocked
-from daemon.state import RNGState, TrainProgress
+from daemon.state import RNGState, RunningSums, TrainProgress
 from daemon.stepping import Stepper
 from daemon.systemd import Notifier
 from daemon.task import TaskContext, build_task, has_state, version_of
@@ -94,8 +94,10 @@ class Trainer:
             self.registry.register("grad_scaler", self.stepper.scaler)
         self.registry.register("data", self.data.sampler)
         self.registry.register("rng", self.dist.rank_keyed(RNGState()))
+        if self.dist.world_size > 1:  # each rank's share of the running loss: `metrics` holds their sum
+            self.registry.register("running_sums", self.dist.rank_keyed(RunningSums(self.progress)))
         if has_state(self.task):
-            self.registry.register("task", self.task)
+            self.registry.register("task", self.dist.rank_keyed(self.task))  # what a task keeps may differ by rank
         self.schedules = {**schedules, **({"warmup": "step"} if self.warmup else {})}
 
         # A rank cannot restart alone: a group keeps the policy each rank chose at start.
@@ -110,7 +112,7 @@ class Trainer:
         writer = self.dist.writer(store) if cfg.checkpoint.async_save else None
         self.saver = Saver(cfg.checkpoint, self.dist.store(store), writer, self.state_dict, self.reporter, logged, self.log)
         self.history = (
-            MetricsHistory(store.directory, cfg.log.metrics_every_steps, self.progress, self.log) if self.dist.is_writer else None
+            MetricsHistory(store.directory, self.progress, self.log) if self.dist.is_writer else None
         )  # fmt: skip
         self.resumer = Resumer(
             store, logged, self.log, settings=self.settings, fingerprint=self.fingerprint,
@@ -157,8 +159,8 @@ class Trainer:
         return {
             "format_version": FORMAT_VERSION,
             "kind": kind,
-            **self.progress.state_dict(),  # epoch, step_in_epoch, global_step, metrics, history
-            **self.registry.state_dict(),
+            **self.progress.state_dict(self.dist.sum_over_ranks),  # epoch, step_in_epoch, global_step, metrics, history
+            **self.dist.gather_rank_keyed(self.registry.state_dict()),
             "config": self.settings,
             "fingerprint": self.fingerprint,
             "cpu_threads": torch.get_num_threads(),
@@ -286,7 +288,7 @@ class Trainer:
             if self.device.type != "cpu":
                 batch = map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
             loss, metrics = self.stepper.accumulate(batch, share)
-            self.progress.record_batch(loss, sampler.batch_length(index), metrics)
+            self.progress.record_batch(loss, sampler.batch_length(index), sampler.own_length(index), metrics)
             in_step += 1
             if in_step < share:
                 continue
@@ -335,8 +337,11 @@ class Trainer:
     def _after_step(self) -> ExitCode | None:
         """The safe point after each step: act on the requests every rank agreed on, save when due,
         report progress."""
-        if self.history:
-            self.history.step_done()  # before a stop: the resumed run goes on after this step
+        every = self.cfg.log.metrics_every_steps
+        if every and self.progress.global_step % every == 0:  # before a stop: the resumed run goes on after this step
+            loss, metrics = self.progress.running_means(self.dist.sum_over_ranks)  # on every rank: a collective
+            if self.history:
+                self.history.train_record(loss, metrics)
         requests = self.dist.agree(self._requests)
         if requests.stop:
             return self._stop()
@@ -374,7 +379,7 @@ class Trainer:
             raise
         if self.scheduler and self.schedules["scheduler"] == "epoch":
             self.scheduler.step()
-        entry = self.progress.complete_epoch(evaluation)
+        entry = self.progress.complete_epoch(evaluation, self.dist.sum_over_ranks)
         headline = next(iter(evaluation), "train_loss")
         if self.history:  # before the checkpoint of this state: a kill between them must not lose the record
             self.history.epoch_done(entry, train_seconds, headline)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
 
 from daemon.child import START
+from test_task import TINY
 from trainer_proc import DIST_SETTINGS as SETTINGS
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, ranks, run_to_end
 
@@ -25,6 +27,18 @@ def kill_ranks(pids: list[int]) -> None:
             pass
 
 
+def signal_a_rank(process: TrainerProcess, pids: list[int], target: int, signum: int, at_step: int, expect: int) -> None:
+    """Once rank 0's checkpoint at `at_step` is durable, `signum` to the process `target`; the
+    launcher must then exit `expect`."""
+    try:
+        process.wait_for("checkpoint_saved", checkpoint_global_step=at_step, rank=0)
+        os.kill(target, signum)
+        assert process.wait() == expect, process.output()
+    finally:
+        process.kill()
+        kill_ranks(pids)
+
+
 @pytest.mark.parametrize(
     ("nproc", "target"),
     [(2, "rank 1"), (3, "rank 1"), (2, "launcher")],  # rank 1 alone: neither the launcher nor rank 0 hears it
@@ -33,13 +47,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, re
     run_config.settings = ranks(nproc)
     process = TrainerProcess.start(run_config)
     pids = process.wait_for("ranks_started")["pids"]
-    try:
-        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
-        os.kill(pids[1] if target == "rank 1" else process.pid, signal.SIGTERM)
-        assert process.wait() == 75, process.output()
-    finally:
-        process.kill()
-        kill_ranks(pids)
+    signal_a_rank(process, pids, pids[1] if target == "rank 1" else process.pid, signal.SIGTERM, at_step=10, expect=75)
     stopped = process.events("stopped")
     assert sorted(event["rank"] for event in stopped) == list(range(nproc)), process.output()
     assert len({event["global_step"] for event in stopped}) == 1, stopped
@@ -52,6 +60,10 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, re
 
     assert [e["global_step"] for e in resumed_run.events("resumed")] == [step]
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(nproc)))
+    # Every rank reports the epoch's loss over all ranks' samples: one value per epoch.
+    completed = resumed_run.events("epoch_completed")
+    assert sorted(e["rank"] for e in completed if e["epoch"] == 3) == list(range(nproc))
+    assert len({(e["epoch"], e["train_loss"]) for e in completed}) == len({e["epoch"] for e in completed})
 
 
 def test_a_changed_world_size_is_refused(run_config):
@@ -66,17 +78,54 @@ def test_a_changed_world_size_is_refused(run_config):
     assert "trained by 2 rank(s), this run has 1" in refused["message"]
 
 
+def test_a_task_with_state_of_its_own_resumes_exactly_on_3_ranks(run_config, reference_runs):
+    """The tiny task keeps state that differs by rank, draws dropout, and accumulates gradients:
+    each rank gets its own state back, and the pass that settles DDP's buckets before the first
+    step leaves no trace (its step count, average and RNG draws are undone)."""
+    settings = {**TINY, "dist.nproc_per_node": 3, "train.batch_size": 24}
+    run_config.settings = settings
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    signal_a_rank(process, pids, pids[2], signal.SIGTERM, at_step=6, expect=75)
+    run_to_end(run_config)
+
+    final = final_checkpoint(run_config.checkpoint_dir)
+    assert len({final["task"][f"rank_{rank}"]["inputs_seen"] for rank in range(3)}) == 3
+    assert_same_training(final, reference_runs(**settings))
+
+
+def test_a_parameter_the_step_leaves_unused_is_refused_with_several_ranks(run_config):
+    run_config.settings = {**TINY, "dist.nproc_per_node": 2, "task.options": {"unused_parameter": True}}
+    process = TrainerProcess.start(run_config)
+
+    assert process.wait() == 78, process.output()
+    assert "parameters without a gradient (module.unused)" in process.events("config_error")[0]["message"]
+
+
+def test_under_a_plain_torchrun_a_stop_of_one_rank_stops_both_and_the_resume_is_exact(run_config, reference_runs):
+    """A scheduler's own launch, as the README gives it: the ranks see RANK and WORLD_SIZE and do
+    not launch again; torchrun itself exits 1 after a stop (its own rule), every rank 75."""
+    run_config.settings = SETTINGS  # dist.nproc_per_node stays 1: torchrun starts the ranks
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # fmt: skip
+    process = TrainerProcess.start(run_config, wrapper=torchrun)
+    pids = [process.wait_for("run_started", rank=rank, after=START)["pid"] for rank in (0, 1)]
+    signal_a_rank(process, pids, pids[1], signal.SIGTERM, at_step=10, expect=1)
+    stopped = process.events("stopped")
+    assert sorted(e["rank"] for e in stopped) == [0, 1] and len({e["global_step"] for e in stopped}) == 1, stopped
+    assert stopped[0]["global_step"] > 10
+
+    resumed = TrainerProcess.start(run_config, wrapper=torchrun)
+    assert resumed.wait() == 0, resumed.output()
+    assert [e["global_step"] for e in resumed.events("resumed")] == [stopped[0]["global_step"]]
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
+
+
 def test_sigkill_of_a_rank_restarts_the_group_which_finishes_exactly(run_config, reference_runs):
     run_config.settings = {**ranks(2), "dist.max_restarts": 1}
     process = TrainerProcess.start(run_config)
     pids = process.wait_for("ranks_started")["pids"]
-    try:
-        process.wait_for("checkpoint_saved", checkpoint_global_step=10, rank=0)
-        os.kill(pids[1], signal.SIGKILL)
-        assert process.wait() == 0, process.output()
-    finally:
-        process.kill()
-        kill_ranks(pids)
+    signal_a_rank(process, pids, pids[1], signal.SIGKILL, at_step=10, expect=0)
 
     assert process.events("ranks_restarting")
     assert [e["rank"] for e in process.events("resumed")] == [0]

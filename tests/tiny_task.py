@@ -1,8 +1,8 @@
 """A tiny task of the tests' own: a two-layer net on a fixed random regression problem, with
 augmentation noise drawn while fetching samples, its own collate_fn, a step metric, and state of its own (an
-exponential moving average of the weights). Options: `fail_at_step` raises in training_step;
+exponential moving average of the weights, and a sum that differs by rank). Options: `fail_at_step` raises in training_step;
 `own_optimizer` gives it configure_optimizers (momentum SGD, a StepLR per epoch); `metric` names
-its evaluation."""
+its evaluation; `unused_parameter` adds a parameter the step never uses."""
 
 from __future__ import annotations
 
@@ -33,14 +33,18 @@ class TinyTask:
     version = "1"
 
     def __init__(self, context: TaskContext) -> None:
-        options = {"samples": 480, "fail_at_step": None, "own_optimizer": False, "metric": "test_mse", **context.options}
+        options = {"samples": 480, "fail_at_step": None, "own_optimizer": False, "metric": "test_mse",
+                   "unused_parameter": False, **context.options}  # fmt: skip
         generator = torch.Generator().manual_seed(1234)  # the problem, fixed whatever train.seed is
         inputs = torch.randn(options["samples"], FEATURES, generator=generator)
         targets = inputs @ torch.randn(FEATURES, 1, generator=generator) + 0.1
         self.train_set = NoisySamples(inputs, targets)
         self.test = (inputs[:100], targets[:100])
         self.model = nn.Sequential(nn.Linear(FEATURES, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        if options["unused_parameter"]:
+            self.model.register_parameter("unused", nn.Parameter(torch.zeros(FEATURES)))
         self.average = [p.detach().clone() for p in self.model.parameters()]
+        self.inputs_seen = 0.0  # the sum of the inputs this process trained on: each rank has its own
         self.fail_at_step = options["fail_at_step"]
         self.metric = options["metric"]
         self.steps = 0
@@ -62,6 +66,7 @@ class TinyTask:
             raise ValueError("the tiny task fails on purpose")
         self.steps += 1
         inputs, targets = batch
+        self.inputs_seen += inputs.sum().item()
         prediction = model(inputs)
         loss = F.mse_loss(prediction.float(), targets)
         with torch.no_grad():
@@ -74,11 +79,12 @@ class TinyTask:
         return {self.metric: F.mse_loss(model(inputs).float(), targets).item()}
 
     def state_dict(self) -> dict:
-        return {"average": [tensor.clone() for tensor in self.average], "steps": self.steps}
+        return {"average": [tensor.clone() for tensor in self.average], "steps": self.steps, "inputs_seen": self.inputs_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.average = [tensor.clone() for tensor in state["average"]]
         self.steps = state["steps"]
+        self.inputs_seen = state["inputs_seen"]
 
 
 def build(context: TaskContext) -> TinyTask:
