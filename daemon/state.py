@@ -21,6 +21,7 @@ class TrainProgress:
     step_in_epoch: int = 0  # optimizer steps of the epoch in flight already taken
     global_step: int = 0
     samples: int = 0  # samples trained in the epoch in flight
+    own_samples: int = 0  # of them, this rank's (all of them when one process trains)
     # Kept on the model's device in float64 so the hot loop adds without a host sync.
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # a task's step metrics, as loss_sum
@@ -41,6 +42,7 @@ class TrainProgress:
                 total = self.metric_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
             total.add_(torch.as_tensor(value).detach().to(total.device), alpha=own_samples)
         self.samples += batch_samples
+        self.own_samples += own_samples
 
     def record_step(self) -> None:
         self.step_in_epoch += 1
@@ -48,12 +50,12 @@ class TrainProgress:
 
     def mean_loss(self) -> float:
         """This process's running loss (its rank's slice of the epoch in flight)."""
-        return self.loss_sum.item() / max(self.samples, 1)
+        return self.loss_sum.item() / max(self.own_samples, 1)
 
     def mean_metrics(self) -> dict[str, float]:
         """The task's step metrics averaged over the epoch in flight, as `train_<name>` (this
         process's slice)."""
-        return {f"train_{name}": total.item() / max(self.samples, 1) for name, total in self.metric_sums.items()}
+        return {f"train_{name}": total.item() / max(self.own_samples, 1) for name, total in self.metric_sums.items()}
 
     def _summed(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
         """The running sums, loss first, then each step metric, summed over the ranks."""
@@ -72,7 +74,7 @@ class TrainProgress:
         self.history.append(entry)
         self.epoch += 1
         self.step_in_epoch = 0
-        self.samples = 0
+        self.samples = self.own_samples = 0
         self.loss_sum.zero_()
         self.metric_sums.clear()
         return entry
@@ -105,7 +107,7 @@ class TrainProgress:
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self.samples = state["metrics"]["samples"]
+        self.samples = self.own_samples = state["metrics"]["samples"]  # a rank's own: from `RunningSums`
         self.loss_sum.fill_(state["metrics"]["loss_sum"])
         self.metric_sums = {
             name: torch.tensor(total, dtype=torch.float64, device=self.loss_sum.device)
@@ -123,11 +125,13 @@ class RunningSums:
 
     def state_dict(self) -> dict:
         p = self.progress
-        return {"loss_sum": p.loss_sum.item(), "sums": {name: total.item() for name, total in p.metric_sums.items()}}
+        sums = {name: total.item() for name, total in p.metric_sums.items()}
+        return {"loss_sum": p.loss_sum.item(), "samples": p.own_samples, "sums": sums}
 
     def load_state_dict(self, state: dict) -> None:
         p = self.progress
         p.loss_sum.fill_(state["loss_sum"])
+        p.own_samples = state["samples"]
         p.metric_sums = {name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device) for name, total in state["sums"].items()}
 
 
