@@ -44,7 +44,7 @@ def signal_a_rank(process: TrainerProcess, pids: list[int], target: int, signum:
     [(2, "rank 1"), (3, "rank 1"), (2, "launcher")],  # rank 1 alone: neither the launcher nor rank 0 hears it
 )
 def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, reference_runs, nproc, target):
-    run_config.settings = ranks(nproc)
+    run_config.settings = {**ranks(nproc), "log.progress_every_seconds": 0.001}  # a progress event a step
     process = TrainerProcess.start(run_config)
     pids = process.wait_for("ranks_started")["pids"]
     signal_a_rank(process, pids, pids[1] if target == "rank 1" else process.pid, signal.SIGTERM, at_step=10, expect=75)
@@ -52,8 +52,9 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, re
     assert sorted(event["rank"] for event in stopped) == list(range(nproc)), process.output()
     assert len({event["global_step"] for event in stopped}) == 1, stopped
     step = stopped[0]["global_step"]
-    (emergency,) = [e for e in process.events("checkpoint_saved") if e["kind"] == "emergency" and e["rank"] == 0]
-    assert emergency["checkpoint_global_step"] == step and 10 < step < 60
+    # The emergency checkpoint; or, when the stop came as an epoch ended, that epoch's (checkpoint_skipped).
+    (saved,) = [e for e in process.events("checkpoint_saved") if e["checkpoint_global_step"] == step and e["rank"] == 0]
+    assert saved["kind"] == ("epoch" if process.events("checkpoint_skipped") else "emergency") and 10 < step < 60
     assert process.events("ranks_exited")[-1]["exit_codes"] == {str(rank): 75 for rank in range(nproc)}
 
     resumed_run = run_to_end(run_config)
@@ -64,6 +65,11 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, re
     completed = resumed_run.events("epoch_completed")
     assert sorted(e["rank"] for e in completed if e["epoch"] == 3) == list(range(nproc))
     assert len({(e["epoch"], e["train_loss"]) for e in completed}) == len({e["epoch"] for e in completed})
+    # Progress shows each rank's own slice: after the last step, near the loss over all of them (not a share of it).
+    (last_loss,) = {e["train_loss"] for e in completed if e["epoch"] == 3}
+    for rank in range(nproc):
+        (last,) = resumed_run.events("progress", rank=rank, epoch=2, step_in_epoch=20)
+        assert 0.8 < last["loss"] / last_loss < 1.25, (last, last_loss)
 
 
 def test_a_changed_world_size_is_refused(run_config):
