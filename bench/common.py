@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,14 @@ def mlp(hidden: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> None:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+    carry: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+) -> None:  # fmt: skip
+    """`carry`: the loss the backward starts from, given the loss (bench/plain_ddp.py's agreement)."""
     loss = F.cross_entropy(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    carry(loss).backward()
     optimizer.step()
 
 

@@ -9,7 +9,9 @@ import platform
 import statistics
 
 from processes import REPO
-from scenarios import CONTENDED, DDP, TASK, THROUGHPUT
+from scenarios import CONTENDED, TASK, THROUGHPUT
+
+DDP_EPOCHS = ("ddp_plain", "ddp_daemon")  # timed by the epoch; ddp_agreement is a measure of its own
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
 README_BEGIN = "<!-- bench:begin: written by bench/run.py --update-readme -->"
@@ -134,7 +136,7 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     ddp = figures["ddp"] = several_ranks(samples)
     targets += [
         ("2 ranks: daemon / plain DDP, s/epoch", ddp["ratio"]["median"], "<=", 1.05),
-        ("2 ranks: the agreement's cost, % of the plain DDP epoch", ddp["agreement_percent"]["median"], "<=", 2.0),
+        ("2 ranks: the agreement's cost, % of plain DDP's time", ddp["agreement_percent"]["median"], "<=", 2.0),
         ("2 ranks: peak RSS per rank, MB (1.1 × plain's + one snapshot)", ddp["rss_mb"]["ddp_daemon"], "<=", ddp["rss_limit_mb"]),
         ("2 ranks: SIGTERM → durable, s (2 steps + 1.25 × raw)", ddp["durable_s"]["median"], "<=", ddp["budget_s"]),
     ]
@@ -147,7 +149,7 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
 
 
 def several_ranks(samples: dict[str, list]) -> dict:
-    seconds = {contender: samples[f"ddp.{contender}.seconds"] for contender in DDP}
+    seconds = {contender: samples[f"ddp.{contender}.seconds"] for contender in DDP_EPOCHS}
     stops = samples["ddp.stop"]
     step_s = statistics.median(stop["step_s"] for stop in stops)
     raw_s = statistics.median(samples["raw_save.ddp_s"])
@@ -155,9 +157,8 @@ def several_ranks(samples: dict[str, list]) -> dict:
     return {
         **{contender: spread(values) for contender, values in seconds.items()},
         "ratio": spread([d / p for d, p in zip(seconds["ddp_daemon"], seconds["ddp_plain"])]),
-        # Within each repetition, as the throughput ratios: the plain loop with the agreement against without.
-        "agreement_percent": spread([100 * (a / p - 1) for a, p in zip(seconds["ddp_plain_agreement"], seconds["ddp_plain"])]),
-        "rss_mb": {contender: max(samples[f"ddp.{contender}.max_rss"]) / 1e6 for contender in DDP},
+        "agreement_percent": spread(samples["ddp.agreement_percent"]),
+        "rss_mb": {contender: max(samples[f"ddp.{contender}.max_rss"]) / 1e6 for contender in DDP_EPOCHS},
         "rss_limit_mb": (1.1 * plain_rss + statistics.median(stop["bytes"] for stop in stops)) / 1e6,
         "durable_s": spread([stop["durable_s"] for stop in stops]),
         "step_s": step_s,
@@ -273,12 +274,11 @@ def several_ranks_table(ddp: dict) -> Table:
     labels = {
         "ddp_daemon": "daemon, dist.nproc_per_node 2",
         "ddp_plain": "plain DDP under torchrun (bench/plain_ddp.py)",
-        "ddp_plain_agreement": "the same, posting the daemon's agreement at each step",
     }
     rows = [[label, mmm(ddp[name], digits=2), f"{ddp['rss_mb'][name]:.0f}"] for name, label in labels.items()]
     rows += [
         ["ratio daemon / plain", mmm(ddp["ratio"]), ""],
-        ["the agreement's cost, % of the plain epoch", mmm(ddp["agreement_percent"], digits=1), ""],
+        ["the agreement's cost, % of plain DDP's training time (side by side in one process)", mmm(ddp["agreement_percent"], digits=1), ""],
         [f"SIGTERM to the launcher → durable, s (a step {ddp['step_s'] * 1e3:.1f} ms, raw save "
          f"{mmm(ddp['raw_save_s'])})", mmm(ddp["durable_s"]), ""],
     ]  # fmt: skip

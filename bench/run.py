@@ -36,11 +36,12 @@ them; figures are medians with min–max, throughput ratios are taken within eac
 8. Durability: a SIGKILL while the background writer is busy (a save every step), then
    `trainer status`: every checkpoint left must verify.
 9. Two ranks: one epoch of the daemon with dist.nproc_per_node 2 against plain_ddp.py under
-   torchrun (DDP, gloo, no checkpoints; one thread per rank on both sides), and the same plain
-   loop posting the daemon's agreement at each step boundary (the difference is the agreement's
-   cost); peak RSS per rank (VmHWM); a SIGTERM to the daemon's launcher 50 steps in until rank 0's
-   emergency checkpoint is durable, against 2 steps (the agreement acts at most two step
-   boundaries after a signal) + 1.25 × a raw save of that checkpoint.
+   torchrun (DDP, gloo, no checkpoints; one thread per rank on both sides); the agreement's cost,
+   from `plain_ddp.py --agreement` (two copies of the model train the same batches in alternating
+   blocks in one process, one carrying the daemon's agreement: its extra time over the plain
+   copy's, on the costlier rank); peak RSS per rank (VmHWM); a SIGTERM to the daemon's launcher
+   50 steps in until rank 0's emergency checkpoint is durable, against 2 steps (the agreement acts
+   at most two step boundaries after a signal) + 1.25 × a raw save of that checkpoint.
 
 Writes bench/results/latest.json and prints a table with a PASS/FAIL per target. The code:
 processes.py launches and reaps the contenders (through daemon/child.py, the one reader of the

@@ -39,7 +39,8 @@ DAEMON_POLICIES = {
 RANKS = 2
 # Both sides of the several-ranks comparison run one thread per rank (torchrun's default), no checkpoints.
 DDP_DAEMON = {"dist.nproc_per_node": RANKS, "train.cpu_threads": 1, "checkpoint.every_steps": 0, "checkpoint.every_seconds": 0}
-DDP = ("ddp_plain", "ddp_plain_agreement", "ddp_daemon")
+DDP = ("ddp_plain", "ddp_agreement", "ddp_daemon")
+AGREEMENT_ROUNDS = 3  # plain_ddp.py --agreement: epochs, each with fresh copies of the model
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,12 @@ class Bench:
 
     def ddp_epoch(self, contender: str) -> None:
         """One epoch of two ranks: the daemon (its launcher starts them) or bench/plain_ddp.py
-        under torchrun, with or without the daemon's agreement posted at each step."""
+        under torchrun; or (ddp_agreement) the agreement's cost, plain_ddp.py's side-by-side measure."""
+        if contender == "ddp_agreement":
+            child = self.plain_ddp("--agreement", f"--epochs={AGREEMENT_ROUNDS}")
+            ratios = [e["agreement_s"] / e["plain_s"] for e in child.events("agreement_measured")]
+            self.record("ddp.agreement_percent", 100 * (max(ratios) - 1))  # the costlier rank's
+            return
         if contender == "ddp_daemon":
             run_dir = self.fresh_dir("ddp")
             child = self.daemon(run_dir, DDP_DAEMON)
@@ -282,14 +288,16 @@ class Bench:
             seconds = [child.wait_for("epoch_completed", rank=rank, after=START)["seconds"] for rank in range(RANKS)]
             rss = peaks.stop()
         else:
-            argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", str(BENCH / "plain_ddp.py")]
-            extra = ["--agreement"] if contender == "ddp_plain_agreement" else []
-            child = TrainerChild([sys.executable, *argv, f"--data-root={self.data}", *extra], REPO, {"OMP_NUM_THREADS": "1"})
-            finish(child, 0)
+            child = self.plain_ddp()
             seconds = [e["seconds"] for e in child.events("epoch_completed")]
             rss = [e["bytes"] for e in child.events("peak_rss")]
         self.record(f"ddp.{contender}.seconds", max(seconds))  # the slower rank's: the group's epoch
         self.record(f"ddp.{contender}.max_rss", max(rss))
+
+    def plain_ddp(self, *extra: str) -> TrainerChild:
+        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", str(BENCH / "plain_ddp.py")]
+        child = TrainerChild([sys.executable, *argv, f"--data-root={self.data}", *extra], REPO, {"OMP_NUM_THREADS": "1"})
+        return finish(child, 0)
 
     def ddp_stop(self) -> None:
         """SIGTERM to the daemon's launcher at a random point of a step, 50 steps in: until the

@@ -63,6 +63,9 @@ class Solo:
     world_size = 1
     is_writer = True
 
+    def __init__(self, local: Callable[[], Requests]) -> None:
+        self.local = local  # the pending requests, which nobody else need agree on
+
     def place(self, device: torch.device) -> torch.device:
         return device
 
@@ -71,6 +74,9 @@ class Solo:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
 
     def gather_rank_keyed(self, state: dict) -> dict:
         return state
@@ -90,11 +96,8 @@ class Solo:
     def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
         return resume(load) is not None
 
-    def agree(self, local: Callable[[], Requests]) -> Requests:
-        return local()
-
-    def post(self, local: Callable[[], Requests]) -> None:
-        pass
+    def agree(self) -> Requests:
+        return self.local()
 
     def stop_agreed(self, stop: bool) -> bool:
         return stop
@@ -108,17 +111,21 @@ class Ranks:
 
     is_writer: bool
 
-    def __init__(self, cfg: DistConfig, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: DistConfig, rank: int, world_size: int, local_rank: int, device: torch.device,
+        local: Callable[[], Requests],
+    ) -> None:  # fmt: skip
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.is_writer = rank == 0
         structlog.contextvars.bind_contextvars(rank=rank)  # every event says which rank logged it
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
         dist.init_process_group(backend, timeout=timeout)
-        # The agreement, gathers and broadcasts of the daemon's own run over gloo, in a group of their
-        # own: a flag never waits behind gradient buckets, and stays on the CPU under NCCL.
+        # The stop checks between epochs, gathers and broadcasts of the daemon's own run over gloo,
+        # in a group of their own: they never wait behind gradient buckets, and stay on the CPU
+        # under NCCL.
         self.group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-        self.agreement = Agreement(self.group)
+        self.agreement = Agreement(self.group, local)
 
     def place(self, device: torch.device) -> torch.device:
         """One CUDA device per rank on its node; the CPU is shared."""
@@ -133,10 +140,10 @@ class Ranks:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        # Without find_unused_parameters DDP skips a walk of the autograd graph at every step (~10% of
-        # an MLP step); the price is a bucket layout that changes after a process's first backward,
-        # which `Stepper` settles before the first step (daemon/stepping.py).
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return self.agreement.replicate(model, device_ids)
+
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.agreement.carry(loss)
 
     def rank_keyed(self, part: Stateful) -> Stateful:
         return RankKeyed(part, self)
@@ -202,11 +209,8 @@ class Ranks:
             load(state)
         return state is not None
 
-    def agree(self, local: Callable[[], Requests]) -> Requests:
+    def agree(self) -> Requests:
         return self.agreement.settle()
-
-    def post(self, local: Callable[[], Requests]) -> None:
-        self.agreement.post(local())
 
     def stop_agreed(self, stop: bool) -> bool:
         return self.agreement.stop_agreed(stop)
@@ -216,78 +220,113 @@ class Ranks:
 
 
 class Agreement:
-    """The ranks' pending requests, combined by one small all_reduce (MAX) per step boundary.
+    """The ranks' pending requests, combined so that every rank acts on the same ones after the
+    same step.
 
-    The flags a rank holds after acting at one boundary are posted asynchronously, and travel
-    while the next step computes; the next boundary waits for the result, so every rank acts on
-    the same requests after the same step. A signal is acted on at most two boundaries after it
-    arrived, on any rank.
+    They travel as the gradient of a parameter of their own, three numbers that DDP reduces in a
+    bucket with the model's gradients: each backward starts by handing this rank's flags to that
+    gradient (`carry`, on the loss), and the step boundary reads the reduced one (a mean: above
+    zero where any rank asks). No collective of its own and no copy. A request recorded before a
+    step's backward begins is acted on at its boundary, a later one at the next: at most two
+    boundaries after a signal reached any rank. Reading a flag leaves its request pending (a
+    SIGUSR1 is consumed as its checkpoint is made), so the flags of a backward that is undone (the
+    settling pass's) lose nothing.
     """
 
-    def __init__(self, group) -> None:
-        self.group = group
-        # One tensor of flags for the whole run, written and read through a numpy view of its
-        # memory, and the all_reduce's options built once: a post stores three bytes and makes one
-        # call into the process group. A fresh tensor and torch.distributed's checks at every call
-        # cost about as much as starting the collective itself.
-        self._flags = torch.zeros(3, dtype=torch.uint8)
-        self._view = self._flags.numpy()
-        self._buffers = [self._flags]
-        self._options = dist.AllreduceOptions()
-        self._options.reduceOp = dist.ReduceOp.MAX
-        self._work = None
-        self._carried = Requests()  # settled by a stop check between epochs, acted on at the next boundary
-        self._posted_at = 0.0
-        self.posts = self.boundaries = 0
-        self.post_s = self.wait_s = 0.0
-        self.stepping_s = 0.0  # from each post to the next boundary: the steps the flags travelled during
+    def __init__(self, group, local: Callable[[], Requests]) -> None:
+        self.group = group  # for the synchronous checks between epochs
+        self._local = local  # this rank's pending requests, read as a backward begins
+        self.flags: nn.Parameter | None = None  # on the model's device, once `replicate` placed them
+        self._carried = Requests()  # agreed by a stop check between epochs, acted on at the next boundary
+        self.boundaries = self.steps = 0
+        self.hand_s = self.read_s = self.steps_s = 0.0  # steps_s: boundary to boundary, over `steps`
+        self._last_boundary: float | None = None
 
-    def _start(self, local: Requests) -> None:
-        self._view[:] = (local.stop, local.save, local.periodic)
-        self._work = self.group.allreduce(self._buffers, self._options)
+    def replicate(self, model: nn.Module, device_ids: list[int] | None) -> nn.parallel.DistributedDataParallel:
+        """`model` under DDP, with the flags among the parameters whose gradients it reduces."""
+        first = next(model.parameters())  # its dtype, so that the flags share a bucket with gradients
+        self.flags = nn.Parameter(torch.zeros(3, dtype=first.dtype, device=first.device))
+        both = nn.Module()
+        both.model, both.flags = model, self.flags
+        # Without find_unused_parameters DDP skips a walk of the autograd graph at every step (~10% of
+        # an MLP step); the price is a bucket layout that changes after a process's first backward,
+        # which `Stepper` settles before the first step (daemon/stepping.py).
+        replicated = nn.parallel.DistributedDataParallel(both, device_ids=device_ids)
+        # DDP took the parameters to reduce (and the buffers to broadcast) as it was built. From here
+        # the module it runs, and the one a task sees through it, is the model alone: its
+        # `parameters()`, `module` and state are the model's, without the flags.
+        replicated.module = model
+        return replicated
 
-    def _collect(self) -> Requests:
-        """What the flags in flight combined to on every rank (nothing asked when none are)."""
-        if self._work is None:
-            return Requests()
-        self._work.wait()
-        self._work = None
-        stop, save, periodic = self._view.tolist()
-        return Requests(stop=bool(stop), save=bool(save), periodic=bool(periodic))
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss`, whose backward hands this rank's flags to theirs: what the backward starts from."""
+        return _HandFlags.apply(loss, self.flags, self)
 
-    def post(self, local: Requests) -> None:
+    def local_flags(self) -> torch.Tensor:
         started = time.perf_counter()
-        self._start(local)
-        self._posted_at = time.perf_counter()
-        self.post_s += self._posted_at - started
-        self.posts += 1
+        local = self._local()
+        flags = torch.tensor((local.stop, local.save, local.periodic), dtype=self.flags.dtype, device=self.flags.device)
+        self.hand_s += time.perf_counter() - started
+        return flags
+
+    def _read(self) -> Requests | None:
+        """What the backwards since the last read brought back from every rank; None: no backward ran."""
+        reduced, self.flags.grad = self.flags.grad, None
+        if reduced is None:
+            return None
+        stop, save, periodic = reduced.tolist()
+        return Requests(stop=stop > 0, save=save > 0, periodic=periodic > 0)
 
     def settle(self) -> Requests:
-        carried, self._carried = self._carried, Requests()
-        if self._work is None:  # the first boundary of an epoch: a stop check collected the last post
-            return carried
+        """At a step boundary: the requests every rank acts on now."""
         started = time.perf_counter()
-        self.stepping_s += started - self._posted_at
-        requests = self._collect()
-        self.wait_s += time.perf_counter() - started
+        carried, self._carried = self._carried, Requests()
+        requests = self._read()
+        if requests is None:  # a step without a backward: agree now
+            requests = self._exchange(self._local())
+        now = time.perf_counter()
+        self.read_s += now - started
+        if self._last_boundary is not None:
+            self.steps_s += now - self._last_boundary
+            self.steps += 1
+        self._last_boundary = now
         self.boundaries += 1
         return carried | requests
 
     def stop_agreed(self, stop: bool) -> bool:
-        """Whether any rank asks to stop, now (synchronously): between epochs and at start-up."""
-        self._carried = self._carried | self._collect()
-        self._start(Requests(stop=stop or self._carried.stop))
-        return self._collect().stop
+        """Whether any rank asks to stop, now (synchronously): between epochs and at start-up.
+        Requests the last backward brought back are kept for the next boundary."""
+        self._carried = self._carried | (self._read() or Requests())
+        self._last_boundary = None  # an evaluation or a save between epochs is no step
+        return self._exchange(Requests(stop=stop or self._carried.stop)).stop
+
+    def _exchange(self, local: Requests) -> Requests:
+        flags = torch.tensor((local.stop, local.save, local.periodic), dtype=torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop, save, periodic = flags.tolist()
+        return Requests(stop=bool(stop), save=bool(save), periodic=bool(periodic))
 
     def cost(self) -> dict:
-        post_ms = self.post_s / max(self.posts, 1) * 1e3
-        wait_ms = self.wait_s / max(self.boundaries, 1) * 1e3
-        step_ms = self.stepping_s / max(self.boundaries, 1) * 1e3
-        # Of a step and its boundary, the share the agreement takes: the step measured from the
-        # post to the boundary leaves the rest of the boundary's work out, so this errs high.
-        share = 100 * (post_ms + wait_ms) / (post_ms + wait_ms + step_ms) if step_ms else 0.0
-        return {"boundaries": self.boundaries, "post_ms_mean": round(post_ms, 4), "wait_ms_mean": round(wait_ms, 4),
+        hand_ms = self.hand_s / max(self.boundaries, 1) * 1e3
+        read_ms = self.read_s / max(self.boundaries, 1) * 1e3
+        step_ms = self.steps_s / max(self.steps, 1) * 1e3
+        share = 100 * (hand_ms + read_ms) / step_ms if self.steps else 0.0  # of a step, boundary to boundary
+        return {"boundaries": self.boundaries, "hand_ms_mean": round(hand_ms, 4), "read_ms_mean": round(read_ms, 4),
                 "step_ms_mean": round(step_ms, 3), "share_of_step_percent": round(share, 2)}  # fmt: skip
+
+
+class _HandFlags(torch.autograd.Function):
+    """The identity on the loss; its backward, the first of a step, gives the flags parameter this
+    rank's requests as its gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, flags: torch.Tensor, agreement: Agreement) -> torch.Tensor:
+        ctx.agreement = agreement
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, ctx.agreement.local_flags(), None
 
 
 @dataclass(frozen=True)
@@ -385,10 +424,11 @@ def _unpickled(data: torch.Tensor) -> Any:
     return pickle.loads(memoryview(data.numpy()))
 
 
-def join(cfg: DistConfig, device: torch.device) -> Solo | Ranks:
-    """This process's place in the run: a rank when a launcher started it as one, else alone."""
+def join(cfg: DistConfig, device: torch.device, local: Callable[[], Requests]) -> Solo | Ranks:
+    """This process's place in the run: a rank when a launcher started it as one, else alone.
+    `local`: this process's pending requests, which the ranks agree on at each step."""
     found = rank_from_env()
     if found is None:
-        return Solo()
+        return Solo(local)
     rank, world_size, local_rank = found
-    return Ranks(cfg, rank, world_size, local_rank, device)
+    return Ranks(cfg, rank, world_size, local_rank, device, local)

@@ -68,6 +68,10 @@ class SignalRecorder:
     def stop_requested(self) -> bool:
         return bool(self.stops)
 
+    @property
+    def save_requested(self) -> bool:
+        return bool(self.saves)
+
     def take_save_request(self) -> SignalEvent | None:
         """The oldest pending SIGUSR1, consumed; several pending ones make one checkpoint."""
         if not self.saves:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,15 +22,18 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Stepper:
     def __init__(
         self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-        clip_grad_norm: float | None, device: torch.device,
+        clip_grad_norm: float | None, device: torch.device, carry: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:  # fmt: skip
-        """`model`: the task's model as the steps run it (wrapped by DDP when there are several ranks)."""
+        """`model`: the task's model as the steps run it (wrapped by DDP when there are several ranks).
+        `carry`: the loss a backward starts from, given the loss (with several ranks, one that hands
+        this rank's requests to the agreement: daemon/dist.py)."""
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ConfigError(f"train.precision: fp16 needs CUDA (its loss scaling is CUDA's), the run is on {device}; use bf16")
         self.task = task
         self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
+        self._carry = carry
         dtype = AUTOCAST_DTYPES.get(cfg.precision)
         self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         # fp16's loss scale adapts as training goes: its state is part of the checkpoint.
@@ -43,7 +47,7 @@ class Stepper:
             self._settle_bucket_layout(batch)
         loss, metrics = self._forward(batch)
         scaled = loss / share if share > 1 else loss
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        self._carry(self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss, metrics
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
@@ -61,8 +65,8 @@ class Stepper:
         rng = RNGState.state_dict()
         buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
         task_state = copy.deepcopy(self.task.state_dict()) if has_state(self.task) else None
-        self._forward(batch)[0].backward()
-        unused = [name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        self._carry(self._forward(batch)[0]).backward()
+        unused = [name for name, p in self.task.model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
             raise ConfigError(
                 f"task.entry: the training step leaves parameters without a gradient ({', '.join(unused[:5])}"

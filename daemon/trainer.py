@@ -54,7 +54,7 @@ class Trainer:
         self.handover: str | None = None  # the waiting policy of the process this run hands over to
         self.log = logs.get()
         device = resolve_device(cfg.train.device)
-        self.dist = dist.join(cfg.dist, device)  # a rank of a process group, when a launcher started one
+        self.dist = dist.join(cfg.dist, device, self._requests)  # a rank of a process group, when a launcher started one
         self.device = self.dist.place(device)
         if cfg.train.deterministic:
             # cuBLAS is bitwise reproducible only with a fixed workspace (set before CUDA starts).
@@ -69,7 +69,9 @@ class Trainer:
         self.dist.reseed(cfg.train.seed)
         self.optimizer, self.scheduler, schedules = self._build_optimization()
         self.warmup = build_warmup(cfg.optim.warmup_steps, self.optimizer)
-        self.stepper = Stepper(self.task, self.dist.wrap(self.model), self.optimizer, cfg.train, cfg.optim.clip_grad_norm, self.device)
+        self.stepper = Stepper(
+            self.task, self.dist.wrap(self.model), self.optimizer, cfg.train, cfg.optim.clip_grad_norm, self.device, self.dist.carry
+        )
         # Once the config has proved buildable, before anything touches the directory (rank 0's alone).
         self._lock = lock.acquire(Path(cfg.checkpoint.dir)) if self.dist.is_writer else None
 
@@ -342,26 +344,26 @@ class Trainer:
             loss, metrics = self.progress.running_means(self.dist.sum_over_ranks)  # on every rank: a collective
             if self.history:
                 self.history.train_record(loss, metrics)
-        requests = self.dist.agree(self._requests)
+        requests = self.dist.agree()
         if requests.stop:
             return self._stop()
         self.saver.poll()
         if requests.save:
+            self.signals.take_save_request()  # every SIGUSR1 pending now: several make one checkpoint
             self._record_checkpoint("on_demand")
             self.saver.save("on_demand", wait=True)
         elif self._periodic_save_due(requests.periodic):
             self.saver.save("periodic", wait=False)
-        self.dist.post(self._requests)
         self.reporter.report_if_due()
         if self.waiting and (policy := self.waiting.poll()):
             return self._hand_over(policy)
         return None
 
     def _requests(self) -> dist.Requests:
-        """This process's pending requests (a SIGUSR1 is consumed: several make one checkpoint)."""
+        """This process's pending requests; a SIGUSR1 stays pending until its checkpoint is made."""
         return dist.Requests(
             stop=self.signals.stop_requested,
-            save=self.signals.take_save_request() is not None,
+            save=self.signals.save_requested,
             periodic=self.saver.due_by_clock(),
         )
 

@@ -72,6 +72,20 @@ def test_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(run_config, re
         assert 0.8 < last["loss"] / last_loss < 1.25, (last, last_loss)
 
 
+def test_sigusr1_to_one_rank_checkpoints_every_rank_at_one_step_and_training_goes_on(run_config, reference_runs):
+    """A save asked of rank 1 alone: rank 0 writes it (every rank at the same step), and the run
+    ends as an unbroken one."""
+    run_config.settings = ranks(2)
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    signal_a_rank(process, pids, pids[1], signal.SIGUSR1, at_step=10, expect=0)
+
+    saved = process.events("checkpoint_saved", kind="on_demand")  # each rank logs the one file rank 0 wrote
+    assert sorted(e["rank"] for e in saved) == [0, 1] and len({e["path"] for e in saved}) == 1, saved
+    assert saved[0]["checkpoint_global_step"] > 10
+    assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**ranks(2)))
+
+
 def test_a_changed_world_size_is_refused(run_config):
     run_config.settings = {**ranks(2), "train.max_steps": 10}
     run_to_end(run_config)
@@ -105,7 +119,7 @@ def test_a_parameter_the_step_leaves_unused_is_refused_with_several_ranks(run_co
     process = TrainerProcess.start(run_config)
 
     assert process.wait() == 78, process.output()
-    assert "parameters without a gradient (module.unused)" in process.events("config_error")[0]["message"]
+    assert "parameters without a gradient (unused)" in process.events("config_error")[0]["message"]
 
 
 def test_under_a_plain_torchrun_a_stop_of_one_rank_stops_both_and_the_resume_is_exact(run_config, reference_runs):
