@@ -726,13 +726,15 @@ def test_a_cpu_wait_handover_keeps_the_main_pid_and_the_run_exact(service: Servi
         switch = journal.wait_event("cpu_wait_switch", pid, to="bounded")
         resumed = journal.wait_event("resumed", pid, kind="handover")
     assert position(resumed) == position(switch)
-    assert service.show(unit, "MainPID", "NRestarts") == {"MainPID": str(pid), "NRestarts": "0"}
+    # The journal is read behind systemd's state: the run may have ended already (MainPID 0), so the
+    # one main process is shown by the PID that logs the end below, and by no restart.
+    assert service.show(unit, "NRestarts") == {"NRestarts": "0"}
     sd.wait_for(
         lambda: service.show(unit, "ActiveState")["ActiveState"] == "inactive", timeout=300, interval=0.5,
         what="training to complete",
     )  # fmt: skip
     assert service.show(unit, "Result", "ExecMainStatus", "NRestarts") == {"Result": "success", "ExecMainStatus": "0", "NRestarts": "0"}
-    journal.wait_event("training_completed", pid)  # the journal is read behind systemd's state: wait for it
+    journal.wait_event("training_completed", pid)  # logged by the PID systemd started
     assert_same_training(final_checkpoint(service.checkpoint_dir(instance)), reference_runs(**{**settings, "train.cpu_wait": "bounded"}))
 
 
