@@ -65,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial model on every rank, as DDP expects
     module = mlp(hidden_widths(args.hidden))
     plain_s = agreement_s = 0.0
-    copies = [Copy(module, None)]
+    copies = [] if args.agreement else [Copy(module, None)]
     emit("train_started", rank=rank)
     for epoch in range(args.epochs):
         if args.agreement:

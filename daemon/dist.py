@@ -269,11 +269,11 @@ class Agreement:
         self.hand_s += time.perf_counter() - started
         return flags
 
-    def _read(self) -> Requests | None:
-        """What the backwards since the last read brought back from every rank; None: no backward ran."""
+    def _read(self) -> Requests:
+        """What the backwards since the last read (every step has one) brought back from every rank."""
         reduced, self.flags.grad = self.flags.grad, None
-        if reduced is None:
-            return None
+        if reduced is None:  # none since the stop check between epochs read them
+            return Requests()
         stop, save, periodic = reduced.tolist()
         return Requests(stop=stop > 0, save=save > 0, periodic=periodic > 0)
 
@@ -282,8 +282,6 @@ class Agreement:
         started = time.perf_counter()
         carried, self._carried = self._carried, Requests()
         requests = self._read()
-        if requests is None:  # a step without a backward: agree now
-            requests = self._exchange(self._local())
         now = time.perf_counter()
         self.read_s += now - started
         if self._last_boundary is not None:
@@ -296,15 +294,11 @@ class Agreement:
     def stop_agreed(self, stop: bool) -> bool:
         """Whether any rank asks to stop, now (synchronously): between epochs and at start-up.
         Requests the last backward brought back are kept for the next boundary."""
-        self._carried = self._carried | (self._read() or Requests())
+        self._carried = self._carried | self._read()
         self._last_boundary = None  # an evaluation or a save between epochs is no step
-        return self._exchange(Requests(stop=stop or self._carried.stop)).stop
-
-    def _exchange(self, local: Requests) -> Requests:
-        flags = torch.tensor((local.stop, local.save, local.periodic), dtype=torch.uint8)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        stop, save, periodic = flags.tolist()
-        return Requests(stop=bool(stop), save=bool(save), periodic=bool(periodic))
+        asked = torch.tensor([stop or self._carried.stop], dtype=torch.uint8)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(asked.item())
 
     def cost(self) -> dict:
         hand_ms = self.hand_s / max(self.boundaries, 1) * 1e3
