@@ -24,9 +24,9 @@ LABELS = {
     "c": "(c) daemon, default policy",
     "d": "(d) daemon, every 50 steps (async)",
     "d_sync": "(d sync) daemon, every 50 steps (sync)",
+    "c_1t": "(c 1 thread) daemon, default policy, train.cpu_threads 1",
+    "d_1t": "(d 1 thread) daemon, every 50 steps (async), train.cpu_threads 1",
 }
-
-
 
 
 def spread(values: list[float]) -> dict:
@@ -60,6 +60,8 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
         "(c)/(a)": paired("c", "a"),
         "(c)/(c active)": paired("c", "c_active"),
         "(b)/(c)": paired("b", "c"),
+        "(d)/(c): the saves' cost, the training's threads on every core": paired("d", "c"),
+        "(d 1 thread)/(c 1 thread): the saves' cost, a core left to the writer": paired("d_1t", "c_1t"),
     }
     figures["throughput"]["ratios"] = ratios
     figures["contended"] = {

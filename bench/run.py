@@ -15,7 +15,10 @@ them; figures are medians with min–max, throughput ratios are taken within eac
    GLIBC_TUNABLES as the daemon tunes it at start, the fair floor the targets are judged against;
    (b) seed_recipe.py; (c) the daemon, default checkpoint policy; (c active) the same with
    train.cpu_wait=active (libgomp's own spin-waiting); (d) the daemon saving every 50 steps
-   (asynchronously, the default), and (d sync) the same with checkpoint.async_save=false.
+   (asynchronously, the default), and (d sync) the same with checkpoint.async_save=false;
+   (c 1 thread) and (d 1 thread): (c) and (d) with train.cpu_threads=1, so that the writer has a
+   core the training does not use: (d)/(c) against (d 1 thread)/(c 1 thread) shows what the
+   saves cost by competing for the cores.
 2. Emergency latency: SIGTERM sent at a random point of a step, to the `checkpoint_saved`
    event of the emergency checkpoint (logged once it is fsynced, renamed and the directory
    fsynced) and to the process exit; for the MLP and for the ~100M-parameter model

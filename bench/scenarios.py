@@ -26,7 +26,7 @@ SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
 RAW_PAUSE_S = {"mlp": 1, "big": 5}
 # glibc's malloc set as the daemon sets it at start (daemon/allocator.py), for the fair floor (a tuned).
 TUNED_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"}
-THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync")
+THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "c_1t", "d_1t")
 TASK = ("cnn_daemon", "cnn_plain")  # examples/mnist_cnn.yaml through the daemon; plain_cnn.py
 EXAMPLE_CONFIG = REPO / "examples" / "mnist_cnn.yaml"
 CONTENDED = ("c", "c_active", "a_tuned")  # each quiet, then beside cores + 1 busy loops
@@ -35,6 +35,10 @@ DAEMON_POLICIES = {
     "c_active": {"train.cpu_wait": "active"},  # libgomp's own waiting, the daemon's default before train.cpu_wait
     "d": {"checkpoint.every_steps": 50, "log.level": "debug"},  # debug: the `checkpoint_snapshot` stall events
     "d_sync": {"checkpoint.every_steps": 50, "checkpoint.async_save": False},
+    # One training thread, so the background writer has a core of its own: what the saves of (d)
+    # cost when they do not compete with the training's threads for the cores.
+    "c_1t": {"train.cpu_threads": 1},
+    "d_1t": {"checkpoint.every_steps": 50, "train.cpu_threads": 1},
 }
 RANKS = 2
 # Both sides of the several-ranks comparison run one thread per rank (torchrun's default), no checkpoints.
