@@ -87,6 +87,7 @@ def main() -> int:
     from daemon.data import prepare_mnist
 
     started, ticks = time.time(), cpu_ticks()
+    args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trainer-bench-", dir=args.workdir))
     try:
         prepare_mnist(work / "data", download=False)
