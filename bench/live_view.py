@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    from daemon.data import prepare_mnist
+    from daemon.builtin.mnist_files import prepare_mnist
 
     with tempfile.TemporaryDirectory(prefix="trainer-live-") as work:
         data = Path(work) / "data"

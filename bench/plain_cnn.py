@@ -15,8 +15,8 @@ from common import arguments, emit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from mnist_cnn import MnistCNN  # noqa: E402  (the example is a file, not an installed package)
 
-from daemon.config import Config  # noqa: E402
-from daemon.task import TaskContext  # noqa: E402
+from daemon.config.sections import Config  # noqa: E402
+from daemon.train.task import TaskContext  # noqa: E402
 
 
 def main() -> None:

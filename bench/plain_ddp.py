@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from daemon.dist import Agreement, Requests
+from daemon.dist.agreement import Agreement, Requests
 
 from common import BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
 from plain_loop import as_float, read_idx

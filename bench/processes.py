@@ -1,5 +1,5 @@
 """Launching the benchmark's contenders and reaping them: the daemon through its CLI, the plain
-loops and the seed recipe from bench/, all through the one event reader (daemon/child.py), which
+loops and the seed recipe from bench/, all through the one event reader (daemon/ops/child.py), which
 keeps their JSON lines, exit time and peak RSS."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from daemon.child import TrainerChild, event_time
+from daemon.ops.child import TrainerChild, event_time
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

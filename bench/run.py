@@ -47,7 +47,7 @@ them; figures are medians with min–max, throughput ratios are taken within eac
    at most two step boundaries after a signal) + 1.25 × a raw save of that checkpoint.
 
 Writes bench/results/latest.json and prints a table with a PASS/FAIL per target. The code:
-processes.py launches and reaps the contenders (through daemon/child.py, the one reader of the
+processes.py launches and reaps the contenders (through daemon/ops/child.py, the one reader of the
 event stream), scenarios.py runs the measurements, report.py turns the samples into figures,
 targets and tables.
 """
@@ -84,7 +84,7 @@ def main() -> int:
     plan = Plan(**{**plan.__dict__, **{k: v for k, v in (("reps", args.reps), ("big_reps", args.big_reps)) if v}})
 
     sys.path.insert(0, str(REPO))
-    from daemon.data import prepare_mnist
+    from daemon.builtin.mnist_files import prepare_mnist
 
     started, ticks = time.time(), cpu_ticks()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.child import START, TrainerChild, event_time
+from daemon.ops.child import START, TrainerChild, event_time
 from processes import BENCH, CONFIG, REPO, PeakRSS, daemon, finish, script, step_s
 
 BIG_HIDDEN = [5600, 5600, 5600, 5600]  # 98.5M parameters
@@ -24,7 +24,7 @@ SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
 # Before each raw save, as the daemon's come after training (raw_save.py): back to back, reusing the
 # page cache the previous save freed, they took ~15% (MLP) to ~60% (100M) less time here.
 RAW_PAUSE_S = {"mlp": 1, "big": 5}
-# glibc's malloc set as the daemon sets it at start (daemon/allocator.py), for the fair floor (a tuned).
+# glibc's malloc set as the daemon sets it at start (daemon/service/allocator.py), for the fair floor (a tuned).
 TUNED_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"}
 THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "c_1t", "d_1t")
 TASK = ("cnn_daemon", "cnn_plain")  # examples/mnist_cnn.yaml through the daemon; plain_cnn.py

@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="each verification's horizon (default: %(default)s)")
     args = parser.parse_args()
 
-    from daemon.data import prepare_mnist
+    from daemon.builtin.mnist_files import prepare_mnist
 
     workdir = Path(tempfile.mkdtemp(prefix="trainer-stress-"))
     data_root = workdir / "data"

@@ -15,8 +15,8 @@ def run(config: str | os.PathLike = "config.yaml", overrides: Sequence[str] = ()
     `daemon` before torch for the OpenMP settings to apply (README, "Threads")."""
     import signal
 
-    from daemon.cli import main
-    from daemon.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
+    from daemon.ops.cli import main
+    from daemon.service.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
 
     previous = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, SAVE_SIGNAL)}
     signals = SignalRecorder()

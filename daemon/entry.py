@@ -10,21 +10,21 @@ import os
 import signal
 import sys
 
-from daemon.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
+from daemon.service.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
 
 
 def main() -> None:
     """Run the command line; exits the process with its code (never returns)."""
     signals = SignalRecorder()
     signals.install()
-    # A run that handed over to this process blocked them before its exec (daemon/threads.py): what
+    # A run that handed over to this process blocked them before its exec (daemon/service/threads.py): what
     # arrived since is pending and reaches the handlers now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
     # `train.cpu_wait: auto` looks at what other work does on our CPUs while the rest loads.
-    from daemon.contention import CpuSampler
+    from daemon.service.contention import CpuSampler
 
     started = CpuSampler()
-    from daemon.cli import main as run_cli  # structlog, yaml, argparse: after the handlers
+    from daemon.ops.cli import main as run_cli  # structlog, yaml, argparse: after the handlers
 
     code = run_cli(signals, started=started)
     # All is saved, closed and flushed. The handlers stay in place to the end: the interpreter's

@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import MNIST
 from torchvision.transforms import v2
 
-from daemon.data import prepare_mnist
-from daemon.task import TaskContext
+from daemon.builtin.mnist_files import prepare_mnist
+from daemon.train.task import TaskContext
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training images
 

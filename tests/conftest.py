@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.data import prepare_mnist
+from daemon.builtin.mnist_files import prepare_mnist
 from trainer_proc import RunConfig, TrainerProcess, final_checkpoint
 
 

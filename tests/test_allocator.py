@@ -9,7 +9,7 @@ STEPS = 300
 FAULTS_PER_STEP = """
 import resource, sys, torch, torch.nn.functional as F
 from torch import nn
-from daemon.allocator import keep_freed_memory
+from daemon.service.allocator import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 torch.manual_seed(0)

@@ -14,7 +14,7 @@ import structlog
 import torch
 
 from daemon.errors import ExitCode, IncompatibleCheckpoint
-from daemon.trainer import Trainer
+from daemon.train.loop import Trainer
 from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, in_process_trainer, run_to_end
 
 

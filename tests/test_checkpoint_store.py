@@ -10,8 +10,8 @@ import stat
 import pytest
 import torch
 
-from daemon.checkpoint import BackgroundWriter, CheckpointStore, read_checkpoint
-from daemon.schema import FORMAT_VERSION, REQUIRED_KEYS, InvalidCheckpoint
+from daemon.ckpt.store import BackgroundWriter, CheckpointStore, read_checkpoint
+from daemon.ckpt.schema import FORMAT_VERSION, REQUIRED_KEYS, InvalidCheckpoint
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from daemon.config import Config, exactness_fingerprint
+from daemon.config.exactness import exactness_fingerprint
+from daemon.config.sections import Config
 
 CASES = {
     "not yaml": ("data: [unclosed\n", [], "not valid YAML"),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.child import event_time
-from daemon.contention import QUIET_CPUS, QUIET_FOR_S, SHARED_CPUS
+from daemon.ops.child import event_time
+from daemon.service.contention import QUIET_CPUS, QUIET_FOR_S, SHARED_CPUS
 from daemon.errors import ExitCode
 from trainer_proc import TrainerProcess, assert_same_training, busy_loops, final_checkpoint
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.crashloop import CRASH_LIMIT, RECORD_FILE, CrashLoopGuard
+from daemon.ckpt.crashloop import CRASH_LIMIT, RECORD_FILE, CrashLoopGuard
 from daemon.errors import CheckpointWriteError, CrashLoop, ExitCode
 
 

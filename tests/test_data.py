@@ -11,8 +11,9 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from daemon.config import DataConfig
-from daemon.data import MNIST_MD5, EpochBatchSampler, load_mnist, prepare_mnist
+from daemon.config.sections import DataConfig
+from daemon.builtin.mnist_files import MNIST_MD5, load_mnist, prepare_mnist
+from daemon.train.data import EpochBatchSampler
 
 
 def test_batches_are_bitwise_what_totensor_gives(mnist_root):
@@ -41,7 +42,7 @@ def test_layout_shows_only_whole_files(tmp_path):
     failed their checksum (exit 66). Watched from here while a process lays the files out, a file
     is either absent or whole."""
     raw = tmp_path / "MNIST" / "raw"
-    lay_out = f"from pathlib import Path; import daemon.data as d; d.prepare_mnist(Path({str(tmp_path)!r}), False)"
+    lay_out = f"from pathlib import Path; import daemon.builtin.mnist_files as d; d.prepare_mnist(Path({str(tmp_path)!r}), False)"
     laying_out = subprocess.Popen([sys.executable, "-c", lay_out])
     seen: set[tuple[str, int]] = set()
     while laying_out.poll() is None:

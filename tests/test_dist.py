@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from daemon.child import START
+from daemon.ops.child import START
 from test_task import TINY
 from trainer_proc import DIST_SETTINGS as SETTINGS
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, ranks, run_to_end

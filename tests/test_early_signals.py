@@ -40,7 +40,7 @@ def imported_before_the_handlers(entry: tuple[str, ...], tmp_path) -> list[str]:
 def test_handlers_come_before_any_slow_import(tmp_path, entry):
     before = imported_before_the_handlers(ENTRIES[entry], tmp_path)
 
-    assert "daemon.signals" in before
+    assert "daemon.service.signals" in before
     assert not SLOW & set(before), before
 
 

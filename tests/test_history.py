@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import ExitCode
-from daemon.history import HISTORY_FILE, read_records
+from daemon.ckpt.history import HISTORY_FILE, read_records
 from trainer_proc import RunConfig, TrainerProcess, in_process_trainer, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 5, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}

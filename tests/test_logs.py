@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import logs
+from daemon.service import logs
 
 
 def log_to(path: Path, monkeypatch: pytest.MonkeyPatch, journal_stream: str | None) -> list[str]:
@@ -55,7 +55,7 @@ def test_other_stdout_gets_bare_json(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_processes_sharing_stdout_write_whole_lines() -> None:
     """The ranks of a run share one stdout, unbuffered under systemd: each line is written whole."""
-    chatter = "from daemon import logs; logs.configure('info', 'json')\nfor i in range(2000): logs.get().info('tick', i=i)"
+    chatter = "from daemon.service import logs; logs.configure('info', 'json')\nfor i in range(2000): logs.get().info('tick', i=i)"
     read, write = os.pipe()
     ranks = [subprocess.Popen([sys.executable, "-c", chatter], stdout=write, env={**os.environ, "PYTHONUNBUFFERED": "1"})
              for _ in range(2)]  # fmt: skip

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from daemon.systemd import Notifier
+from daemon.service.notify import Notifier
 
 
 @pytest.fixture

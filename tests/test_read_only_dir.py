@@ -83,9 +83,9 @@ def test_store_reports_the_original_error_not_the_clean_up_one(tmp_path, can_mou
         import json, sys
         from pathlib import Path
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from daemon.checkpoint import CheckpointStore
+        from daemon.ckpt.store import CheckpointStore
         from daemon.errors import CheckpointWriteError
-        from daemon.progress import LoggedStep
+        from daemon.service.progress import LoggedStep
         from test_checkpoint_store import make_state
         store = CheckpointStore(Path({str(tmp_path)!r}), keep_last=1)
         results = {{}}

@@ -107,7 +107,7 @@ def test_config_change_that_breaks_exactness_is_refused(run_config, setting, val
 
 def test_sigkill_never_leaves_a_broken_checkpoint(run_config):
     """Kill a run that saves at every step, many times: every checkpoint left verifies."""
-    from daemon.checkpoint import read_checkpoint
+    from daemon.ckpt.store import read_checkpoint
 
     run_config.settings = {"checkpoint.every_steps": 1, "checkpoint.keep_last": 3, "model.hidden": [2000, 2000]}
     for kill_at in (3, 9, 15):

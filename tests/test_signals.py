@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.checkpoint import read_checkpoint
+from daemon.ckpt.store import read_checkpoint
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 STOPPED = 75

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import signal
 
-from daemon.config import Config
+from daemon.config.sections import Config
 from daemon.errors import ExitCode
-from daemon.status import report
+from daemon.ops.status import report
 from trainer_proc import TrainerProcess, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 2, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}

@@ -42,8 +42,8 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon.checkpoint import CheckpointStore
-from daemon.child import matches, parse_event
+from daemon.ckpt.store import CheckpointStore
+from daemon.ops.child import matches, parse_event
 from systemd_harness import INNER_ENV, BootedSystemd, missing_requirements, verify_unit
 from trainer_proc import SMALL_SETTINGS, assert_same_training, busy_loops, final_checkpoint, ranks
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import ExitCode
-from daemon.verify import first_difference
+from daemon.ops.verify import first_difference
 from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from daemon.child import parse_event
+from daemon.ops.child import parse_event
 from trainer_proc import TrainerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from daemon.task import TaskContext
+from daemon.train.task import TaskContext
 
 FEATURES = 16
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from daemon.checkpoint import read_checkpoint
-from daemon.child import TrainerChild
-from daemon.verify import first_difference
+from daemon.ckpt.store import read_checkpoint
+from daemon.ops.child import TrainerChild
+from daemon.ops.verify import first_difference
 
 # A small run: 40 steps an epoch, 3 epochs, dropout on, so a test takes seconds.
 SMALL_SETTINGS = {
@@ -87,11 +87,11 @@ def in_process_trainer(config: RunConfig):
     a run (its waiting policy is this process's own: libgomp is loaded already)."""
     import torch
 
-    from daemon.config import Config
-    from daemon.signals import SignalRecorder
-    from daemon.systemd import Notifier
-    from daemon.threads import CpuSetting
-    from daemon.trainer import Trainer
+    from daemon.config.sections import Config
+    from daemon.service.signals import SignalRecorder
+    from daemon.service.notify import Notifier
+    from daemon.service.threads import CpuSetting
+    from daemon.train.loop import Trainer
 
     cpu = CpuSetting(torch.get_num_threads(), "active", None, handed_over=False)
     return Trainer(Config.from_yaml(config.write()), SignalRecorder(), Notifier(), cpu)

@@ -1,0 +1,105 @@
+"""The crash-loop guard: a start is refused after `CRASH_LIMIT` crashes in a row without progress.
+
+A supervisor restarts a trainer that died (systemd's `Restart=`). That is right while each run gets
+further, and a loop when the same crash repeats from the same checkpoint: an exception at a given
+step, an OOM kill during start-up, a broken install. Progress is a newer checkpoint on disk, so a
+run that crashed after saving is never held against the next start, and a run that stops in order
+(a preemption's exit 75, a documented error) is not a crash: a preemption storm restarts for ever.
+
+The record, `crash-record.json` in the checkpoint directory, holds the newest checkpoint at the
+last start, the crashes since it, and whether the run that wrote it is still running: a start
+that finds it so knows that its predecessor died without an orderly exit (an exception, SIGKILL,
+the OOM killer, a segfault, a hung step killed by the watchdog).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from daemon.errors import CrashLoop, TrainerError
+from daemon.ckpt.lock import LOCK_FILE
+
+CRASH_LIMIT = 5
+RECORD_FILE = "crash-record.json"
+# Checkpoint files are `ckpt-<global_step, 10 digits>-<kind>.pt` (daemon/ckpt/store.py): their
+# names sort by step. Matched by name only, so that the guard runs before torch is imported and
+# counts a crash while importing it too.
+CHECKPOINT_GLOB = "ckpt-*.pt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    newest_checkpoint: str | None = None  # file name of the newest checkpoint at the last start
+    crashes: int = 0  # runs that died since that checkpoint was the newest
+    running: bool = False  # the last run started has not exited in order
+
+    def __post_init__(self) -> None:
+        name_ok = self.newest_checkpoint is None or isinstance(self.newest_checkpoint, str)
+        if not name_ok or type(self.crashes) is not int or self.crashes < 0 or type(self.running) is not bool:
+            raise ValueError(f"malformed crash record: {self}")
+
+
+class CrashLoopGuard:
+    """`with CrashLoopGuard(dir):` around a run. Entering counts the previous run if it crashed
+    and raises `CrashLoop` on the `limit`-th crash in a row without a newer checkpoint (and
+    forgets them: the next start, by a person, gets `limit` more tries). Leaving normally or
+    through a `TrainerError` (a documented exit code) is an orderly exit; any other exception,
+    or no exit at all, is a crash.
+
+    The record is advisory, like the store's last logged step: a directory that cannot be
+    written disables the guard, and the store reports that when it saves."""
+
+    def __init__(self, directory: Path, limit: int = CRASH_LIMIT) -> None:
+        self.directory = directory
+        self.limit = limit
+
+    def __enter__(self) -> CrashLoopGuard:
+        last = self._read()
+        newest = max((p.name for p in self.directory.glob(CHECKPOINT_GLOB)), default=None)
+        progressed = newest is not None and (last.newest_checkpoint is None or newest > last.newest_checkpoint)
+        crashes = (0 if progressed else last.crashes) + (1 if last.running else 0)
+        if crashes >= self.limit:
+            self._write(Record(newest_checkpoint=newest))
+            since = f"checkpoint {newest}" if newest else "the first start, without any checkpoint"
+            raise CrashLoop(
+                f"{crashes} crashes in a row since {since} in {self.directory}: not starting again. "
+                f"The earlier runs' `crashed` events (or the journal: systemd's `Main process exited` lines) "
+                f"say why they died; fix that, then start it again ({self.limit} more tries)."
+            )
+        self._write(Record(newest_checkpoint=newest, crashes=crashes, running=True))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None or issubclass(exc_type, TrainerError):
+            self._write(dataclasses.replace(self._read(), running=False))
+
+    def _read(self) -> Record:
+        try:
+            fields = json.loads((self.directory / RECORD_FILE).read_text())
+            return Record(**fields)
+        except FileNotFoundError:
+            # The record is written only where the directory exists: a run that found none, created
+            # it with its lock and then left no record behind ended without an orderly exit.
+            return Record(running=(self.directory / LOCK_FILE).exists())
+        except (OSError, ValueError, TypeError):
+            return Record()  # unreadable: no crash is known
+
+    def _write(self, record: Record) -> None:
+        # One fixed temporary name: a run killed between the two steps leaves nothing to pile up.
+        # No directory is created here: a config refused at start-up must leave nothing behind. Until
+        # a run's lock creates it, systemd's start limit is what stops a crash loop.
+        temp = self.directory / f".{RECORD_FILE}.new"
+        try:
+            temp.write_text(json.dumps(dataclasses.asdict(record)))
+            os.replace(temp, self.directory / RECORD_FILE)
+        except OSError:
+            with contextlib.suppress(OSError):  # on a read-only disk even this fails
+                temp.unlink(missing_ok=True)

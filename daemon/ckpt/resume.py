@@ -1,0 +1,118 @@
+"""Resuming: the newest checkpoint that is valid, of this run and loadable, found and loaded, with
+what changed since and how many steps are redone said in the log."""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from daemon.ckpt.store import CheckpointStore, Entry
+from daemon.config.exactness import is_resume_safe
+from daemon.errors import IncompatibleCheckpoint
+from daemon.service.progress import LoggedStep
+from daemon.ckpt.schema import CheckpointSchema, InvalidCheckpoint
+
+
+class Resumer:
+    def __init__(
+        self, store: CheckpointStore, logged: LoggedStep, log, *, settings: dict, fingerprint: str,
+        cpu_threads_setting: int | None, world_size: int,
+    ) -> None:  # fmt: skip
+        """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
+        self.resumed: Entry | None = None  # once resume() found one
+        self.steps_redone: int | None = None  # None: not known (no step was logged, or a fresh start)
+        self.store = store
+        self.logged = logged
+        self.log = log
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.cpu_threads_setting = cpu_threads_setting
+        self.world_size = world_size
+
+    def resume(self, schema: CheckpointSchema, load: Callable[[dict], None], position: Callable[[], dict]) -> Entry | None:
+        """Load the newest usable checkpoint with `load`; None when there is none (a fresh start)."""
+        removed = self.store.remove_temp_files()
+        if removed:
+            self.log.info("temp_files_removed", files=[p.name for p in removed])
+
+        def validate(entry: Entry) -> None:
+            # A config change is the person's to undo (exit 78, the file kept); a file whose content
+            # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
+            self._check_compatible(entry)
+            self._check_world_size(entry)
+            schema.check(entry.state)
+
+        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
+        if entry is None:
+            self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
+            return None
+        self._report_config_changes(entry)
+        self._keep_thread_count(entry)
+        load(entry.state)
+        logged = self.logged.read()
+        # At least the steps logged past the checkpoint; none when a background save finished
+        # after the last line the dead run logged.
+        where = position()
+        redone = {"steps_redone": max(0, logged - where["global_step"])} if logged is not None else {}
+        self.log.info("resumed", path=str(entry.path), kind=entry.kind, **where, **redone)
+        self.resumed, self.steps_redone = entry, redone.get("steps_redone")
+        return entry
+
+    def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
+        self.log.warning(
+            "checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
+        )
+
+    def _config_changes(self, entry: Entry) -> dict[str, tuple]:
+        stored, current = entry.state["config"], self.settings
+        return {
+            key: (stored.get(key), current.get(key))
+            for key in sorted(stored.keys() | current.keys())
+            if stored.get(key) != current.get(key)
+        }
+
+    def _check_compatible(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
+        breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
+        if breaking or entry.state["fingerprint"] != self.fingerprint:
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
+            raise IncompatibleCheckpoint(
+                f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
+                f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
+            )
+
+    def _check_world_size(self, entry: Entry) -> None:
+        """A run keeps its world size: each rank's RNGs are saved for its rank, and a batch split over
+        another count of ranks sums its gradients in another order."""
+        trained_with = entry.state.get("world_size", 1)
+        if type(trained_with) is not int or trained_with < 1:  # not a count: the file, not the config, is wrong
+            raise InvalidCheckpoint(f"world_size: {reprlib.repr(trained_with)} is not a number of ranks")
+        if trained_with != self.world_size:
+            raise IncompatibleCheckpoint(
+                f"{entry.path} was trained by {trained_with} rank(s), this run has {self.world_size}: "
+                f"it would not resume exactly. Start it with {trained_with} rank(s) (dist.nproc_per_node x "
+                f"dist.nnodes), or set checkpoint.dir to an empty directory to start afresh."
+            )
+
+    def _report_config_changes(self, entry: Entry) -> None:
+        changed = self._config_changes(entry)
+        if changed:
+            self.log.warning(
+                "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
+            )
+
+    def _keep_thread_count(self, entry: Entry) -> None:
+        """A run keeps its intra-op thread count: sums split over another count round differently."""
+        trained_with, now = entry.state.get("cpu_threads"), torch.get_num_threads()
+        if trained_with is None or trained_with == now:
+            return
+        if self.cpu_threads_setting is not None:
+            raise IncompatibleCheckpoint(
+                f"{entry.path} was trained with {trained_with} CPU threads, train.cpu_threads is {now}: "
+                f"a different count rounds differently. Set train.cpu_threads to {trained_with}, or to null "
+                f"(the count the run started with), or set checkpoint.dir to an empty directory to start afresh."
+            )
+        torch.set_num_threads(trained_with)

@@ -1,0 +1,238 @@
+"""The configuration's sections: kw-only dataclasses, every default and its meaning on one screen,
+each checked in `__post_init__`.
+
+Every check happens at start-up, before anything is written: a bad config is a `ConfigError`
+naming the file and the key, which the CLI turns into exit code 78. Reading the YAML is
+daemon/config/loading.py's; which settings a resume may change, daemon/config/exactness.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.config.loading import build, flatten, read_tree
+from daemon.errors import ConfigError
+from daemon.service.threads import WAIT_POLICIES
+
+SEED_MAX = 2**32 - 1  # numpy's global RNG takes 32-bit seeds
+
+
+BUILTIN_TASK = "daemon.builtin.mnist_mlp:build"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    # What trains: "package.module:callable" or "path/to/file.py:callable" (relative to the working
+    # directory), called with a daemon.task.TaskContext; it returns the task (README, "Your own model").
+    entry: str = BUILTIN_TASK
+    options: dict[str, Any] = field(default_factory=dict)  # handed to the task as context.options
+
+    def __post_init__(self) -> None:
+        target, sep, name = self.entry.rpartition(":")
+        _require(bool(sep and target and name.isidentifier()), "task.entry",
+                 f"{self.entry!r} must be 'package.module:callable' or 'path/to/file.py:callable'")  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = "data"  # MNIST lives in <root>/MNIST/raw/, laid out there from the shipped files
+    download: bool = True  # let torchvision download when neither the files nor the shipped copy exist
+    num_workers: int = 0  # DataLoader worker processes; the data order does not depend on it
+    shuffle: bool = True  # a new permutation every epoch, derived from train.seed and the epoch
+    train_subset: int | None = None  # train on the first N samples only (small runs, tests)
+    test_subset: int | None = None  # evaluate on the first N test samples only
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"data.{key}", "must be a positive integer or null")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [500])  # hidden layer widths of the MLP 784-...-10
+    dropout: float = 0.0  # dropout after each hidden layer
+
+    def __post_init__(self) -> None:
+        _require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "model.hidden", "must be a non-empty list of positive integers")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    name: str  # "step" (StepLR) or "cosine" (CosineAnnealingLR)
+    step_size: int = 1  # step: intervals (epochs or steps) between decays
+    gamma: float = 0.1  # step: decay factor
+    t_max: int = 5  # cosine: intervals of one half-period
+
+    interval: str = "epoch"  # "epoch": stepped after each epoch; "step": after each optimizer step
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("step", "cosine"), "optim.scheduler.name", "must be 'step' or 'cosine'")
+        _require(self.interval in ("epoch", "step"), "optim.scheduler.interval", "must be 'epoch' or 'step'")
+        _require(self.step_size >= 1, "optim.scheduler.step_size", "must be >= 1")
+        _require(self.gamma > 0, "optim.scheduler.gamma", "must be > 0")
+        _require(self.t_max >= 1, "optim.scheduler.t_max", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adam"  # "adam", "adamw" or "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    scheduler: SchedulerConfig | None = None  # null: constant learning rate
+    warmup_steps: int = 0  # the LR rises linearly over the first N optimizer steps (0: none)
+    clip_grad_norm: float | None = None  # clip the gradients' total 2-norm to this before each step
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "optim.clip_grad_norm", "must be > 0 or null")
+        _require(self.name in ("adam", "adamw", "sgd"), "optim.name", "must be 'adam', 'adamw' or 'sgd'")
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.momentum >= 0, "optim.momentum", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 100
+    seed: int = 0  # seeds the model init, the data order and every RNG; numpy takes 32 bits
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    eval_batch_size: int = 1000  # evaluation only; does not change training
+    max_steps: int | None = None  # end the run after this many steps, mid-epoch if need be (null: epochs decide)
+    # torch.use_deterministic_algorithms: an op without a deterministic kernel stops the run (exit 78)
+    # instead of making it silently inexact. false: such ops run, and resume is no longer bitwise.
+    deterministic: bool = True
+    cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (README, "Threads")
+    cpu_wait: str = "auto"  # how OpenMP threads wait at a barrier: "auto" (follows the machine), "bounded", "active", "passive"
+    grad_accum_steps: int = 1  # batches of batch_size whose gradients make one optimizer step
+    precision: str = "fp32"  # "bf16": autocast to bfloat16 (CPU, CUDA); "fp16": float16 with loss scaling (CUDA)
+
+    def __post_init__(self) -> None:
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _require(self.precision != "fp16" or self.device != "cpu", "train.precision",
+                 "fp16 needs CUDA (its loss scaling is CUDA's); use bf16 on the CPU")  # fmt: skip
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
+        _require(self.cpu_wait in WAIT_POLICIES, "train.cpu_wait", f"must be one of {', '.join(WAIT_POLICIES)}")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(0 <= self.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}]")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        valid_device = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        _require(valid_device, "train.device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 0  # also save every N steps (0: off); every epoch end always saves
+    every_seconds: float = 60.0  # also save when this long has passed since the last save (0: off)
+    keep_last: int = 3  # valid checkpoints kept; older ones are deleted after each save
+    async_save: bool = True  # periodic saves are written by a background thread from an in-memory snapshot
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        # Found now, not at the first save after an epoch of training.
+        _require(Path(self.dir).is_dir() or not Path(self.dir).exists(), "checkpoint.dir", f"{self.dir} exists and is not a directory")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    format: str = "auto"  # "auto": JSON lines off a terminal, console on one; or "json", "console"
+    progress_every_seconds: float = 5.0  # how often a `progress` event reports the epoch in flight
+    metrics_every_steps: int = 50  # the training loss goes to the metrics history every N steps (0: off)
+
+    def __post_init__(self) -> None:
+        _require(self.level in ("debug", "info", "warning", "error"), "log.level", "must be debug, info, warning or error")
+        _require(self.format in ("auto", "json", "console"), "log.format", "must be auto, json or console")
+        _require(self.progress_every_seconds > 0, "log.progress_every_seconds", "must be > 0")
+        _require(self.metrics_every_steps >= 0, "log.metrics_every_steps", "must be >= 0")
+
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    # Processes on this machine, each a rank training its slice of every global batch (train.batch_size
+    # samples whatever the world size); 1: today's single process, no process group.
+    nproc_per_node: int = 1
+    nnodes: int = 1  # machines; each runs `trainer run` with the same config (README, "Several processes")
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous, the same on every node
+    max_restarts: int = 0  # restarts of the rank group after a rank crashed or was killed (not after a stop)
+    backend: str = "auto"  # "auto": gloo on the CPU, nccl on CUDA
+    timeout_seconds: float = 300.0  # a collective that waits longer for a rank fails the run instead of hanging it
+
+    def __post_init__(self) -> None:
+        _require(self.nproc_per_node >= 1, "dist.nproc_per_node", "must be >= 1")
+        _require(self.nnodes >= 1, "dist.nnodes", "must be >= 1")
+        _require(self.max_restarts >= 0, "dist.max_restarts", "must be >= 0")
+        _require(self.backend in BACKENDS, "dist.backend", f"must be one of {', '.join(BACKENDS)}")
+        _require(self.timeout_seconds > 0, "dist.timeout_seconds", "must be > 0")
+        host, sep, port = self.rdzv_endpoint.rpartition(":")
+        _require(bool(sep and host) and port.isdigit() and 0 < int(port) < 65536, "dist.rdzv_endpoint",
+                 f"{self.rdzv_endpoint!r} must be host:port")  # fmt: skip
+
+    @property
+    def launches(self) -> bool:
+        """Whether `trainer run` starts the ranks itself (through torch's elastic launcher)."""
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
+@dataclass(kw_only=True)
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Config:
+        """Read `path`, apply `section.key=value` overrides (values parsed as YAML), validate."""
+        path = Path(path)
+        raw = read_tree(path, overrides)
+        try:
+            config = build(cls, raw, prefix="")
+            config._check_builtin_settings()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return config
+
+    def _check_builtin_settings(self) -> None:
+        """`model` and the data subsets configure the built-in MLP; another task takes its own
+        settings from task.options, and would silently ignore them."""
+        if self.task.entry == BUILTIN_TASK:
+            return
+        defaults = Config().flat()
+        builtin_only = [key for key in ("model.hidden", "model.dropout", "data.train_subset", "data.test_subset")
+                        if self.flat()[key] != defaults[key]]  # fmt: skip
+        _require(not builtin_only, builtin_only[0] if builtin_only else "", f"configures the built-in MNIST MLP, "
+                 f"not {self.task.entry}; give that task its settings under task.options")  # fmt: skip
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting under its dotted key, e.g. {"train.batch_size": 100, ...}."""
+        return flatten(dataclasses.asdict(self))
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {problem}")

@@ -1,0 +1,149 @@
+"""`trainer status`: the operator's one look at a run, from its checkpoint directory alone.
+
+The checkpoints (which one a run resumes from, each verified), the epochs so far, how often and
+from what the run was resumed (the metrics history), the newest checkpoint's age, whether a
+trainer holds the directory now, and an ETA from the recent rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from daemon.ckpt.store import CheckpointStore
+from daemon.config.sections import Config
+from daemon.ckpt.history import HISTORY_FILE, read_records
+from daemon.ckpt.lock import describe, holder
+
+RATE_RECORDS = 10  # the ETA's rate: over the newest training records since the last resume
+SCAN_TRIES = 5  # listings of a directory whose files a running trainer replaces meanwhile
+
+
+def report(cfg: Config) -> dict:
+    directory = Path(cfg.checkpoint.dir)
+    entries, modified = _checkpoints(CheckpointStore(directory, cfg.checkpoint.keep_last))
+    running = holder(directory)
+    resume = next((entry for entry in entries if entry.valid), None)
+    records, _ = read_records(directory / HISTORY_FILE)
+    state = resume.state if resume else None
+    total = _total_steps(state, cfg) if state else None
+    complete = bool(state and (state["epoch"] >= cfg.train.epochs or (total is not None and state["global_step"] >= total)))
+    newest = max((mtime for entry, mtime in zip(entries, modified) if entry.valid), default=None)
+    return {
+        "checkpoint_dir": cfg.checkpoint.dir,
+        "run_in_progress": running is not None,
+        "run_pid": running or None,
+        "checkpoints": [
+            {
+                "path": str(entry.path),
+                "kind": entry.kind,
+                "epoch": entry.state["epoch"] if entry.valid else None,
+                "step_in_epoch": entry.state["step_in_epoch"] if entry.valid else None,
+                "global_step": entry.global_step,
+                "bytes": entry.bytes,
+                "valid": entry.valid,
+                "reason": entry.reason,
+            }
+            for entry in entries
+        ],
+        "resume_from": str(resume.path) if resume else None,
+        "newest_checkpoint_age_s": round(time.time() - newest, 1) if newest else None,
+        "epochs": cfg.train.epochs,
+        "global_step": state["global_step"] if state else 0,
+        "total_steps": total,
+        "complete": complete,
+        "history": _epochs(state, records),
+        "resumes": dict(Counter(r["kind"] for r in records if r["record"] == "resume")),
+        "eta_s": None if complete or total is None else _eta(records, total),
+    }
+
+
+def _checkpoints(store: CheckpointStore) -> tuple[list, list[float]]:
+    """The checkpoints and their modification times. A file deleted since the listing was pruned by a
+    running trainer's retention, not broken: the directory is listed again, since the file that
+    replaced it may have been renamed into place after the listing."""
+    for _ in range(SCAN_TRIES):
+        entries, modified, vanished = [], [], False
+        for entry in store.scan():
+            try:
+                modified.append(entry.path.stat().st_mtime)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            entries.append(entry)
+        if not vanished:
+            break
+    return entries, modified
+
+
+def _total_steps(state: dict, cfg: Config) -> int | None:
+    """The run's steps in all, from the checkpoint's data shape and the config's epochs and max_steps."""
+    data, accum = state["data"], state["config"].get("train.grad_accum_steps") or 1
+    per_epoch = math.ceil(math.ceil(data["num_samples"] / data["batch_size"]) / accum)
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def _epochs(state: dict | None, records: list[dict]) -> list[dict]:
+    """Each completed epoch: training loss, headline metric, seconds (from the metrics history)."""
+    seconds = {r["epoch"]: r.get("seconds") for r in records if r["record"] == "eval"}
+    rows = []
+    for entry in state["history"] if state else []:
+        headline = next((key for key in entry if key not in ("epoch", "train_loss") and not key.startswith("train_")), None)
+        rows.append({
+            "epoch": entry["epoch"], "train_loss": entry["train_loss"], "headline": headline,
+            "value": entry.get(headline), "seconds": seconds.get(entry["epoch"]),
+        })  # fmt: skip
+    return rows
+
+
+def _eta(records: list[dict], total: int) -> float | None:
+    """Seconds to the end at the rate of the newest training records written by one process."""
+    since = max((i for i, r in enumerate(records) if r["record"] == "resume"), default=-1)
+    recent = [r for r in records[since + 1 :] if r["record"] == "train"][-RATE_RECORDS:]
+    if len(recent) < 2 or recent[-1]["time"] <= recent[0]["time"]:
+        return None
+    rate = (recent[-1]["global_step"] - recent[0]["global_step"]) / (recent[-1]["time"] - recent[0]["time"])
+    return round(max(0, total - recent[-1]["global_step"]) / rate, 1)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def show(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"checkpoints in {report['checkpoint_dir']}:")
+    for row in report["checkpoints"]:
+        where = f"epoch {row['epoch']} step {row['step_in_epoch']}" if row["valid"] else f"INVALID: {row['reason']}"
+        print(f"  {row['path']}  {row['kind']:<9}  step {row['global_step']:>8}  {row['bytes']:>10} B  {where}")
+    if not report["checkpoints"]:
+        print("  (none)")
+    if report["history"]:
+        print("epochs:")
+        for row in report["history"][-10:]:  # one screen
+            value = f"{row['headline']} {row['value']:.4f}" if row["headline"] else ""
+            seconds = f"  {row['seconds']:.1f} s" if row["seconds"] is not None else ""
+            print(f"  {row['epoch']:>4}  train_loss {row['train_loss']:.4f}  {value}{seconds}")
+    resumes = report["resumes"]
+    kinds = ", ".join(f"{count} from {kind}" for kind, count in sorted(resumes.items()))
+    print(f"resumed {sum(resumes.values())} times" + (f" ({kinds})" if kinds else ""))
+    if report["run_in_progress"]:
+        print(f"a run holds this directory ({describe(report['run_pid'])})")
+    if report["resume_from"]:
+        state = "complete" if report["complete"] else f"at step {report['global_step']}/{report['total_steps']}"
+        age = _duration(report["newest_checkpoint_age_s"])
+        print(f"a run resumes from {report['resume_from']} ({state}; newest checkpoint {age} old)")
+        if report["eta_s"] is not None:
+            print(f"ETA {_duration(report['eta_s'])} at the recent rate")
+    else:
+        print("a run starts afresh")

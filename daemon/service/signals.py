@@ -1,0 +1,108 @@
+"""Signal handling: the handlers only record; the training loop acts at its next safe point.
+
+SIGTERM / SIGINT ask for a stop: the loop finishes the step in progress, writes an
+emergency checkpoint and exits with ExitCode.STOPPED. A second stop signal while that
+is happening is recorded and changes nothing (the write completes). A third one exits
+at once with the same code: the half-written temporary file is never picked, and the
+previous checkpoint stays the newest valid one.
+
+SIGUSR1 asks for a checkpoint now; training goes on.
+
+The entry point installs the handlers in its first lines (daemon/entry.py), so this module imports
+only what the interpreter has loaded at start-up anyway: no dataclasses (which pulls in inspect
+and ast, ~10-30 ms), which would widen the window in which a signal still kills the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+from daemon.errors import ExitCode
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SAVE_SIGNAL = signal.SIGUSR1
+FORCE_EXIT_AFTER = 3  # stop signals; the third one no longer waits for the emergency save
+SHOW_CURSOR = b"\x1b[?25h"
+
+
+class SignalEvent:
+    __slots__ = ("signum", "monotonic")
+
+    def __init__(self, signum: int, monotonic: float) -> None:
+        self.signum = signum
+        self.monotonic = monotonic
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class SignalRecorder:
+    """Installed as the handler of STOP_SIGNALS and SAVE_SIGNAL; queried by the loop."""
+
+    def __init__(self) -> None:
+        self.stops: list[SignalEvent] = []
+        self.saves: list[SignalEvent] = []
+        self._reported = 0
+
+    def install(self) -> None:
+        for signum in (*STOP_SIGNALS, SAVE_SIGNAL):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        # No I/O and no logging here: the loop may hold the logging or file locks we would need.
+        event = SignalEvent(signum, time.monotonic())
+        if signum == SAVE_SIGNAL:
+            self.saves.append(event)
+            return
+        self.stops.append(event)
+        if len(self.stops) >= FORCE_EXIT_AFTER:
+            if os.isatty(1):
+                os.write(1, SHOW_CURSOR)  # a live display hides it while it draws (daemon/service/live.py)
+            os._exit(ExitCode.STOPPED)
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.stops)
+
+    @property
+    def save_requested(self) -> bool:
+        return bool(self.saves)
+
+    def take_save_request(self) -> SignalEvent | None:
+        """The oldest pending SIGUSR1, consumed; several pending ones make one checkpoint."""
+        if not self.saves:
+            return None
+        first = self.saves[0]
+        self.saves.clear()
+        return first
+
+    def unreported_stops(self) -> list[SignalEvent]:
+        """Stop signals the loop has not logged yet (each is logged once)."""
+        new = self.stops[self._reported :]
+        self._reported = len(self.stops)
+        return new
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals while DataLoader workers are forked: a worker inherits the mask, so
+    none can die of a Ctrl+C before `ignore_stop_signals_in_worker` runs. A stop signal that
+    arrives meanwhile stays pending for the main process and is handled on leaving."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a terminal's Ctrl+C reaches the whole process group, and a
+    worker that dies of it would take the batch pipeline down before the main process has saved.
+    The main process shuts its workers down itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -1,0 +1,118 @@
+"""What a user's training provides, and how the daemon finds it.
+
+The daemon owns the loop, the data order, the signals and every piece of state; a task owns only
+its model, its data and its loss. `task.entry` names a callable that takes a TaskContext and
+returns an object with the attributes of `Task`; the optional ones are looked up with `getattr`.
+README, "Your own model", walks through one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from daemon.config.sections import Config
+from daemon.errors import ConfigError
+
+Metrics = Mapping[str, "torch.Tensor | float"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskContext:
+    """What the entry callable is given. Every RNG is seeded from train.seed before it is called."""
+
+    options: dict[str, Any]  # task.options from the config
+    device: torch.device  # where the model will train; the daemon moves each batch there
+    config: Config  # the whole configuration (data.root, train.eval_batch_size, ...), to read only
+
+
+class Task(Protocol):
+    """The required part. Optional, found by name when present:
+
+    - `version: str`: part of the exactness fingerprint; change it when the task's code changes
+      what it computes, and a checkpoint of the old version is refused (exit 78) instead of resumed;
+    - `collate_fn(samples) -> batch`: how samples become a batch (default: torch's default_collate);
+    - `configure_optimizers(model) -> (optimizer, scheduler or None)`: instead of the `optim` section;
+      a scheduler returned here is stepped once per epoch;
+    - `state_dict()` / `load_state_dict(state)`: the task's own resumable state (an EMA copy, a
+      curriculum), saved in every checkpoint under `task`.
+
+    Random numbers drawn while fetching a sample (augmentation in `train_set.__getitem__`) come from
+    generators seeded for that sample from (train.seed, epoch, index): the same on every resume and
+    with any number of DataLoader workers. A dataset that serves whole batches with
+    `batch(index_tensor)` (the built-in MNIST one) is called in the training process, unseeded:
+    it must draw no random numbers.
+    """
+
+    model: nn.Module
+    train_set: Dataset  # map-style: the daemon's sampler indexes it, so the data position is exact
+
+    def training_step(self, model: nn.Module, batch: Any) -> torch.Tensor | tuple[torch.Tensor, Metrics]:
+        """The loss of one batch (already on the device), optionally with metrics averaged per epoch."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> Mapping[str, float]:
+        """Evaluation after each epoch (the model in eval mode, no gradients); the first entry is the
+        headline metric of `epoch_completed` and `training_completed`. Must draw no random numbers."""
+        ...
+
+
+REQUIRED = ("model", "train_set", "training_step", "evaluate")
+
+
+def load_entry(entry: str) -> Callable[[TaskContext], Task]:
+    """The callable `task.entry` names; one that cannot be imported or found is a config error."""
+    target, _, name = entry.rpartition(":")
+    try:
+        module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
+    except (ImportError, OSError, SyntaxError) as exc:
+        raise ConfigError(f"task.entry: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    built = getattr(module, name, None)
+    if not callable(built):
+        raise ConfigError(f"task.entry: {target} has no callable {name!r}")
+    return built
+
+
+def _import_file(path: Path):
+    """A task file, imported as a module of its own name (dataclasses and pickling need one)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path} (relative paths start at the working directory)")
+    name = f"trainer_task_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # DataLoader workers started by fork inherit it
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_task(entry: str, context: TaskContext) -> Task:
+    """Call the entry; a result without a required part is a config error naming the part."""
+    task = load_entry(entry)(context)
+    missing = [part for part in REQUIRED if not hasattr(task, part)]
+    if missing:
+        raise ConfigError(f"task.entry: {entry} returned a {type(task).__name__} without {', '.join(missing)}")
+    if not isinstance(task.model, nn.Module):
+        raise ConfigError(f"task.entry: {entry} returned a model that is a {type(task.model).__name__}, not a torch nn.Module")
+    if not hasattr(task.train_set, "__getitem__") or not hasattr(task.train_set, "__len__"):
+        raise ConfigError(f"task.entry: {entry} returned a train_set that is not a map-style dataset (__getitem__, __len__)")
+    for part in ("training_step", "evaluate"):
+        if not callable(getattr(task, part)):
+            raise ConfigError(f"task.entry: {entry} returned a {part} that is not callable")
+    return task
+
+
+def version_of(task: Task) -> str:
+    return str(getattr(task, "version", ""))
+
+
+def has_state(task: Task) -> bool:
+    return callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
