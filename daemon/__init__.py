@@ -12,7 +12,7 @@ def run(config: str | os.PathLike = "config.yaml", overrides: Sequence[str] = ()
     """Train as `trainer run --config CONFIG --set OVERRIDE...` does, in this process (its main
     thread): the same resume, signals, checkpoints, JSON events and exit code, returned. The
     signal handlers are the daemon's while it runs, and the previous ones afterwards. Import
-    `daemon` before torch for the OpenMP settings to apply (README, "Threads")."""
+    `daemon` before torch for the OpenMP settings to apply (docs/exactness.md, "Threads")."""
     import signal
 
     from daemon.ops.cli import main

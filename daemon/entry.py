@@ -3,7 +3,7 @@
 Everything slow comes after them (argparse, yaml, structlog, then torch), so a SIGTERM, Ctrl+C or
 SIGUSR1 that arrives during start-up is recorded and honoured at the first safe point instead of
 killing the process or printing a KeyboardInterrupt traceback. What remains is the interpreter's
-own start-up, before any code of ours runs (README, "Signals").
+own start-up, before any code of ours runs (README, "Signals"; measured in docs/benchmark.md).
 """
 
 import os

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from daemon import events
+
 
 class ExitCode(enum.IntEnum):
     COMPLETE = 0  # training complete (also: `trainer status` answered)
@@ -26,38 +28,43 @@ class TrainerError(Exception):
     """An expected failure: logged as `event` with its message, and the process exits with `exit_code`."""
 
     exit_code: ExitCode = ExitCode.FAILURE
-    event: str = "error"
+    event: events.Event = events.ERROR
 
     def __init__(self, message: str, **fields: object) -> None:
         super().__init__(message)
         self.fields = fields  # logged with the event, beside the message
 
+    def report(self) -> ExitCode:
+        """Log the error's event (its message, exit code and fields); return the exit code."""
+        self.event.emit(message=str(self), exit_code=int(self.exit_code), **self.fields)
+        return self.exit_code
+
 
 class ConfigError(TrainerError):
     exit_code = ExitCode.CONFIG
-    event = "config_error"
+    event = events.CONFIG_ERROR
 
 
 class IncompatibleCheckpoint(TrainerError):
     exit_code = ExitCode.CONFIG
-    event = "checkpoint_incompatible"
+    event = events.CHECKPOINT_INCOMPATIBLE
 
 
 class DatasetUnavailable(TrainerError):
     exit_code = ExitCode.NO_INPUT
-    event = "dataset_unavailable"
+    event = events.DATASET_UNAVAILABLE
 
 
 class CheckpointWriteError(TrainerError):
     exit_code = ExitCode.CANT_WRITE
-    event = "checkpoint_write_failed"
+    event = events.CHECKPOINT_WRITE_FAILED
 
 
 class DirectoryInUse(TrainerError):
     exit_code = ExitCode.IN_USE
-    event = "checkpoint_dir_in_use"
+    event = events.CHECKPOINT_DIR_IN_USE
 
 
 class CrashLoop(TrainerError):
     exit_code = ExitCode.CRASH_LOOP
-    event = "crash_loop"
+    event = events.CRASH_LOOP

@@ -145,7 +145,7 @@ class InProcessRun:
         self.directory = config.checkpoint_dir
         self.trainer = in_process_trainer(config)
         with structlog.testing.capture_logs():
-            assert self.trainer.run() == ExitCode.COMPLETE
+            assert self.trainer.run().exit_code == ExitCode.COMPLETE
         self.files = {int(p.name[5:15]): (p.name, p.read_bytes()) for p in self.directory.glob("ckpt-*.pt")}
         self.reference = final_checkpoint(self.directory)
 
@@ -157,7 +157,7 @@ class InProcessRun:
             (self.directory / self.files[step][0]).write_bytes(data)
         with structlog.testing.capture_logs() as events:
             try:
-                self.trainer.resume()
+                self.trainer.manager.resume()
             except IncompatibleCheckpoint as exc:
                 return events, exc
         return events, None
@@ -183,7 +183,7 @@ def saved(state: dict) -> bytes:
 
 def loaded_state(trainer: Trainer) -> dict:
     """What the trainer's objects hold now, under the keys of the checkpoint format."""
-    state = trainer.state_dict("periodic")
+    state = trainer.manager.state_dict("periodic")
     return {key: state[key] for key in LOADED_KEYS}
 
 
@@ -227,7 +227,7 @@ def outcome(run: InProcessRun, forged: bytes, content: dict, real: bool = False,
         assert resumed["global_step"] == FALLBACK
         result = "set aside"
     with structlog.testing.capture_logs():
-        assert run.trainer.run() == ExitCode.COMPLETE
+        assert run.trainer.run().exit_code == ExitCode.COMPLETE
     if result == "set aside" or real:  # real checkpoints only: the run ends as the unbroken one
         assert_same_training(final_checkpoint(run.directory), run.reference)
     return result

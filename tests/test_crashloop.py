@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ckpt.crashloop import CRASH_LIMIT, RECORD_FILE, CrashLoopGuard
+from daemon.ckpt.crashloop import CRASH_LIMIT, CrashLoopGuard
+from daemon.ckpt.layout import CRASH_RECORD_FILE as RECORD_FILE
 from daemon.errors import CheckpointWriteError, CrashLoop, ExitCode
 
 

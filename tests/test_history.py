@@ -126,7 +126,7 @@ def test_each_epoch_checkpoint_finds_its_evaluation_already_recorded(run_config)
 
     run_config.settings = {**SETTINGS, "checkpoint.dir": str(run_config.checkpoint_dir)}
     trainer = in_process_trainer(run_config)
-    store, saved_without_record = trainer.saver.store, []
+    store, saved_without_record = trainer.manager.store, []
     write = store.save
 
     def save_and_look(state: dict):
@@ -140,5 +140,5 @@ def test_each_epoch_checkpoint_finds_its_evaluation_already_recorded(run_config)
 
     store.save = save_and_look  # the real store writes; this only looks at the history first
     with structlog.testing.capture_logs():
-        assert trainer.run() == ExitCode.COMPLETE
+        assert trainer.run().exit_code == ExitCode.COMPLETE
     assert saved_without_record == []

@@ -85,7 +85,7 @@ def test_store_reports_the_original_error_not_the_clean_up_one(tmp_path, can_mou
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from daemon.ckpt.store import CheckpointStore
         from daemon.errors import CheckpointWriteError
-        from daemon.service.progress import LoggedStep
+        from daemon.ckpt.logged_step import LoggedStep
         from test_checkpoint_store import make_state
         store = CheckpointStore(Path({str(tmp_path)!r}), keep_last=1)
         results = {{}}

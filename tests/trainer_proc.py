@@ -88,13 +88,14 @@ def in_process_trainer(config: RunConfig):
     import torch
 
     from daemon.config.sections import Config
-    from daemon.service.signals import SignalRecorder
     from daemon.service.notify import Notifier
+    from daemon.service.signals import SignalRecorder
     from daemon.service.threads import CpuSetting
+    from daemon.train.assembly import assemble
     from daemon.train.loop import Trainer
 
     cpu = CpuSetting(torch.get_num_threads(), "active", None, handed_over=False)
-    return Trainer(Config.from_yaml(config.write()), SignalRecorder(), Notifier(), cpu)
+    return Trainer(assemble(Config.from_yaml(config.write()), SignalRecorder(), Notifier(), cpu))
 
 
 def run_to_end(config: RunConfig) -> TrainerProcess:

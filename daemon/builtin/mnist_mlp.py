@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daemon.service import logs
-from daemon.config.sections import Config, ModelConfig
+from daemon import events
 from daemon.builtin.mnist_files import MnistTensors, load_mnist, prepare_mnist, to_float
+from daemon.config.sections import Config, ModelConfig
 from daemon.errors import ConfigError
 from daemon.train.task import TaskContext
 
@@ -52,7 +52,7 @@ class MnistMLP:
         self.model = allocate_model(cfg.model, device)
         laid_out = prepare_mnist(Path(cfg.data.root), cfg.data.download)
         if laid_out:
-            logs.get().info("dataset_prepared", root=cfg.data.root, files=laid_out)
+            events.DATASET_PREPARED.emit(root=cfg.data.root, files=laid_out)
         self.test_set = load_mnist(cfg.data, train=False)
         self.train_set: MnistTensors = load_mnist(cfg.data, train=True)
         self.eval_batch_size = cfg.train.eval_batch_size

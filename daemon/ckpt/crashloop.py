@@ -14,7 +14,6 @@ the OOM killer, a segfault, a hung step killed by the watchdog).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,15 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from daemon.ckpt.layout import CHECKPOINT_NAME, CRASH_RECORD_FILE, LOCK_FILE, write_atomic
 from daemon.errors import CrashLoop, TrainerError
-from daemon.ckpt.lock import LOCK_FILE
 
 CRASH_LIMIT = 5
-RECORD_FILE = "crash-record.json"
-# Checkpoint files are `ckpt-<global_step, 10 digits>-<kind>.pt` (daemon/ckpt/store.py): their
-# names sort by step. Matched by name only, so that the guard runs before torch is imported and
-# counts a crash while importing it too.
-CHECKPOINT_GLOB = "ckpt-*.pt"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +55,10 @@ class CrashLoopGuard:
 
     def __enter__(self) -> CrashLoopGuard:
         last = self._read()
-        newest = max((p.name for p in self.directory.glob(CHECKPOINT_GLOB)), default=None)
+        # Checkpoint names sort by step. Matched by name only, so that the guard runs before torch is
+        # imported and counts a crash while importing it too.
+        names = os.listdir(self.directory) if self.directory.is_dir() else []
+        newest = max((name for name in names if CHECKPOINT_NAME.match(name)), default=None)
         progressed = newest is not None and (last.newest_checkpoint is None or newest > last.newest_checkpoint)
         crashes = (0 if progressed else last.crashes) + (1 if last.running else 0)
         if crashes >= self.limit:
@@ -83,7 +80,7 @@ class CrashLoopGuard:
 
     def _read(self) -> Record:
         try:
-            fields = json.loads((self.directory / RECORD_FILE).read_text())
+            fields = json.loads((self.directory / CRASH_RECORD_FILE).read_text())
             return Record(**fields)
         except FileNotFoundError:
             # The record is written only where the directory exists: a run that found none, created
@@ -93,13 +90,10 @@ class CrashLoopGuard:
             return Record()  # unreadable: no crash is known
 
     def _write(self, record: Record) -> None:
-        # One fixed temporary name: a run killed between the two steps leaves nothing to pile up.
         # No directory is created here: a config refused at start-up must leave nothing behind. Until
         # a run's lock creates it, systemd's start limit is what stops a crash loop.
-        temp = self.directory / f".{RECORD_FILE}.new"
+        data = json.dumps(dataclasses.asdict(record)).encode()
         try:
-            temp.write_text(json.dumps(dataclasses.asdict(record)))
-            os.replace(temp, self.directory / RECORD_FILE)
+            write_atomic(self.directory, CRASH_RECORD_FILE, lambda file: file.write(data), durable=False)
         except OSError:
-            with contextlib.suppress(OSError):  # on a read-only disk even this fails
-                temp.unlink(missing_ok=True)
+            pass  # advisory: a directory that cannot be written disables the guard (see the class)

@@ -21,10 +21,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daemon.train.state import TrainProgress
+from daemon import events
+from daemon.ckpt.layout import HISTORY_FILE, write_atomic
 
-HISTORY_FILE = "metrics.jsonl"
+if TYPE_CHECKING:
+    from daemon.train.state import TrainProgress
+
 MARKED_KINDS = ("emergency", "on_demand")  # checkpoints the plot marks: a stop, a request
 
 
@@ -53,10 +57,9 @@ def _position(record: dict) -> tuple[int, int]:
 
 
 class MetricsHistory:
-    def __init__(self, directory: Path, progress: TrainProgress, log) -> None:
+    def __init__(self, directory: Path, progress: TrainProgress) -> None:
         self.path = directory / HISTORY_FILE
         self.progress = progress
-        self.log = log
         self._file = None
 
     def start(self, resumed_kind: str | None, steps_redone: int | None) -> None:
@@ -65,17 +68,15 @@ class MetricsHistory:
         here = (self.progress.global_step, self.progress.epoch)
         kept = [record for record in records if _position(record) <= here]
         if dropped:
-            self.log.warning("metrics_lines_dropped", path=str(self.path), lines=dropped,
+            events.METRICS_LINES_DROPPED.emit(path=str(self.path), lines=dropped,
                              reason="torn or unreadable (a write cut short)")  # fmt: skip
         try:
             if len(kept) != len(records) or dropped:
-                temp = self.path.with_name(f".tmp-{HISTORY_FILE}.{os.getpid()}")
-                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-                    file.writelines(json.dumps(record) + "\n" for record in kept)
-                os.replace(temp, self.path)
+                data = "".join(json.dumps(record) + "\n" for record in kept).encode()
+                write_atomic(self.path.parent, HISTORY_FILE, lambda file: file.write(data), durable=False)
             self._file = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", buffering=1)
         except OSError as exc:  # advisory: the checkpoints, not this file, are the run's state
-            self.log.warning("metrics_history_unavailable", path=str(self.path), reason=exc.strerror or str(exc))
+            events.METRICS_HISTORY_UNAVAILABLE.emit(path=str(self.path), reason=exc.strerror or str(exc))
             return
         if resumed_kind is not None:
             self._append("resume", kind=resumed_kind, steps_redone=steps_redone)

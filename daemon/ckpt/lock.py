@@ -17,9 +17,9 @@ import os
 import struct
 from pathlib import Path
 
+from daemon.ckpt.layout import LOCK_FILE
 from daemon.errors import CheckpointWriteError, DirectoryInUse
 
-LOCK_FILE = "run.lock"
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
 
 

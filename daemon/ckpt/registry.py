@@ -7,6 +7,7 @@ from here. Adding a piece of state is one `register` call; forgetting one is vis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -14,6 +15,13 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> None: ...
+
+
+class SelfChecking(Stateful, Protocol):
+    """A piece that checks its own saved format: raises InvalidCheckpoint unless `state` (the value
+    under its key in `checkpoint`) can be loaded into it and resumed exactly."""
+
+    def check_state(self, state: Any, checkpoint: dict, where: str) -> None: ...
 
 
 class StateRegistry:
@@ -28,6 +36,14 @@ class StateRegistry:
 
     def keys(self) -> list[str]:
         return list(self._parts)
+
+    def validators(self) -> dict[str, Callable[[Any, dict], None]]:
+        """The check of each piece that checks its own format, by key."""
+        return {
+            key: lambda value, checkpoint, part=part, key=key: part.check_state(value, checkpoint, key)
+            for key, part in self._parts.items()
+            if callable(getattr(part, "check_state", None))
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {key: part.state_dict() if part is not None else None for key, part in self._parts.items()}

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import torch
 
+from daemon import events
+from daemon.ckpt.logged_step import LoggedStep
+from daemon.ckpt.schema import CheckpointSchema, InvalidCheckpoint
 from daemon.ckpt.store import CheckpointStore, Entry
 from daemon.config.exactness import is_resume_safe
 from daemon.errors import IncompatibleCheckpoint
-from daemon.service.progress import LoggedStep
-from daemon.ckpt.schema import CheckpointSchema, InvalidCheckpoint
 
 
 class Resumer:
     def __init__(
-        self, store: CheckpointStore, logged: LoggedStep, log, *, settings: dict, fingerprint: str,
+        self, store: CheckpointStore, logged: LoggedStep, *, settings: dict, fingerprint: str,
         cpu_threads_setting: int | None, world_size: int,
     ) -> None:  # fmt: skip
         """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
@@ -26,7 +27,6 @@ class Resumer:
         self.steps_redone: int | None = None  # None: not known (no step was logged, or a fresh start)
         self.store = store
         self.logged = logged
-        self.log = log
         self.settings = settings
         self.fingerprint = fingerprint
         self.cpu_threads_setting = cpu_threads_setting
@@ -36,7 +36,7 @@ class Resumer:
         """Load the newest usable checkpoint with `load`; None when there is none (a fresh start)."""
         removed = self.store.remove_temp_files()
         if removed:
-            self.log.info("temp_files_removed", files=[p.name for p in removed])
+            events.TEMP_FILES_REMOVED.emit(files=[p.name for p in removed])
 
         def validate(entry: Entry) -> None:
             # A config change is the person's to undo (exit 78, the file kept); a file whose content
@@ -47,7 +47,7 @@ class Resumer:
 
         entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
         if entry is None:
-            self.log.info("fresh_start", checkpoint_dir=str(self.store.directory))
+            events.FRESH_START.emit(checkpoint_dir=str(self.store.directory))
             return None
         self._report_config_changes(entry)
         self._keep_thread_count(entry)
@@ -57,13 +57,12 @@ class Resumer:
         # after the last line the dead run logged.
         where = position()
         redone = {"steps_redone": max(0, logged - where["global_step"])} if logged is not None else {}
-        self.log.info("resumed", path=str(entry.path), kind=entry.kind, **where, **redone)
+        events.RESUMED.emit(path=str(entry.path), kind=entry.kind, **where, **redone)
         self.resumed, self.steps_redone = entry, redone.get("steps_redone")
         return entry
 
     def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
-        self.log.warning(
-            "checkpoint_invalid", path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
+        events.CHECKPOINT_INVALID.emit(path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
         )
 
     def _config_changes(self, entry: Entry) -> dict[str, tuple]:
@@ -100,8 +99,7 @@ class Resumer:
     def _report_config_changes(self, entry: Entry) -> None:
         changed = self._config_changes(entry)
         if changed:
-            self.log.warning(
-                "config_changed", changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
+            events.CONFIG_CHANGED.emit(changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
             )
 
     def _keep_thread_count(self, entry: Entry) -> None:

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from daemon import events
+from daemon.ckpt.logged_step import LoggedStep
 from daemon.ckpt.store import BackgroundWriter, CheckpointStore, SaveResult
 from daemon.config.sections import CheckpointConfig
-from daemon.service.progress import LoggedStep, ProgressReporter
+
+if TYPE_CHECKING:
+    from daemon.dist.rank_state import NoWriter, RankZeroStore
+    from daemon.train.state import TrainProgress
 
 
 class Saver:
     def __init__(
-        self, cfg: CheckpointConfig, store: CheckpointStore, writer: BackgroundWriter | None,
-        state: Callable[[str], dict], reporter: ProgressReporter, logged: LoggedStep, log,
+        self, cfg: CheckpointConfig, store: CheckpointStore | RankZeroStore, writer: BackgroundWriter | NoWriter | None,
+        state: Callable[[str], dict], progress: TrainProgress, logged: LoggedStep,
     ) -> None:  # fmt: skip
         """`state(kind)`: the run's checkpoint content now; `writer`: writes periodic saves in the
         background (None: every save is written before the loop goes on)."""
@@ -22,9 +28,8 @@ class Saver:
         self.store = store
         self.writer = writer
         self.state = state
-        self.reporter = reporter
+        self.progress = progress
         self.logged = logged
-        self.log = log
         # The state on disk, as (epochs completed, global step): completing an epoch changes the
         # state (scheduler, history) without a step. The start needs no file: config and seed recreate it.
         self.last_saved = (0, 0)
@@ -32,8 +37,7 @@ class Saver:
         self.last_save_ms = 0.0
 
     def _key(self) -> tuple[int, int]:
-        progress = self.reporter.progress
-        return progress.epoch, progress.global_step
+        return self.progress.epoch, self.progress.global_step
 
     def mark_on_disk(self) -> None:
         """The current state is a checkpoint already (the one just resumed from)."""
@@ -45,7 +49,7 @@ class Saver:
 
     def due_by_steps(self) -> bool:
         every_steps = self.cfg.every_steps
-        return bool(every_steps and self.reporter.progress.global_step % every_steps == 0)
+        return bool(every_steps and self.progress.global_step % every_steps == 0)
 
     def due_by_clock(self) -> bool:
         """checkpoint.every_seconds has passed: a fact of this process's clock, which the ranks of a
@@ -67,7 +71,7 @@ class Saver:
         started = time.perf_counter()
         finished = self.writer.submit(self.state(kind))
         self._report(finished)
-        self.log.debug("checkpoint_snapshot", kind=kind, stall_ms=round((time.perf_counter() - started) * 1e3, 2))
+        events.CHECKPOINT_SNAPSHOT.emit(kind=kind, stall_ms=round((time.perf_counter() - started) * 1e3, 2))
 
     def poll(self) -> None:
         """Report the background saves that have finished."""
@@ -86,13 +90,11 @@ class Saver:
     def _report(self, results: list[SaveResult]) -> None:
         for result in results:
             self.last_save_ms = result.duration_ms
-            self.logged.mark(max(result.global_step, self.reporter.progress.global_step))
-            self.log.info(
-                "checkpoint_saved",
-                kind=result.kind,
+            self.logged.mark(max(result.global_step, self.progress.global_step))
+            events.CHECKPOINT_SAVED.emit(kind=result.kind,
                 path=str(result.path),
                 bytes=result.bytes,
                 duration_ms=round(result.duration_ms, 2),
                 checkpoint_global_step=result.global_step,
-                **self.reporter.position(),
+                **self.progress.position(),
             )

@@ -1,6 +1,6 @@
 """The checkpoint store: atomic writes, verified reads, newest-valid lookup, retention.
 
-A checkpoint is one `torch.save` file, `ckpt-<global_step>-<kind>.pt`, loadable with
+A checkpoint is one `torch.save` file named by daemon/ckpt/layout.py, loadable with
 `torch.load(path, weights_only=True)`. Its integrity check is the CRC-32 that torch's zip
 container records for every record at save time (the pickled structure and each tensor),
 verified in full before loading: a truncated, corrupted, unreadable or foreign file is
@@ -12,7 +12,6 @@ out of the way of retention and of later runs). What the content must hold is da
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import os
 import stat
@@ -24,12 +23,12 @@ from typing import Any, Callable
 
 import torch
 
+from daemon.ckpt.layout import CHECKPOINT_NAME, INVALID_SUFFIX, checkpoint_name, temp_files, write_atomic
+from daemon.ckpt.schema import InvalidCheckpoint, check_format
 from daemon.errors import CheckpointWriteError
-from daemon.ckpt.schema import NAME, InvalidCheckpoint, check_format
 
 # Written after the epoch at their step was completed, so newer than any other kind at that step.
 EPOCH_END_KINDS = ("epoch", "final")
-TEMP_PREFIX = ".tmp-"
 NOT_A_FILE = "not a regular file; left in place"
 
 
@@ -85,21 +84,13 @@ def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
     return exc
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     def __init__(self, directory: Path, keep_last: int) -> None:
         self.directory = directory
         self.keep_last = keep_last
 
     def path_for(self, global_step: int, kind: str) -> Path:
-        return self.directory / f"ckpt-{global_step:010d}-{kind}.pt"
+        return self.directory / checkpoint_name(global_step, kind)
 
     def save(self, state: dict[str, Any]) -> SaveResult:
         """Write `state` atomically and durably. Raises CheckpointWriteError.
@@ -109,22 +100,12 @@ class CheckpointStore:
         """
         started = time.perf_counter()
         path = self.path_for(state["global_step"], state["kind"])
-        temp = self.directory / f"{TEMP_PREFIX}{path.name}.{os.getpid()}"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # A Python file object, not a path: torch's own file writer turns ENOSPC into an
+            # Into a Python file object, not a path: torch's own file writer turns ENOSPC into an
             # anonymous RuntimeError, while through `write` it stays an OSError that says why.
-            with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-            _fsync_path(self.directory)
-            size = path.stat().st_size
+            size = write_atomic(self.directory, path.name, lambda file: torch.save(state, file), durable=True)
         except BaseException as exc:
-            # The error to report is this one: on a read-only or vanished directory the clean-up fails too.
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
             io_error = _os_error_in_chain(exc)
             if io_error is None:
                 raise
@@ -139,7 +120,7 @@ class CheckpointStore:
             return []
         found = []
         for path in self.directory.iterdir():
-            match = NAME.match(path.name)
+            match = CHECKPOINT_NAME.match(path.name)
             if not match:
                 continue
             try:
@@ -190,7 +171,7 @@ class CheckpointStore:
             if entry.reason == NOT_A_FILE:
                 on_invalid(entry, None)
                 continue
-            aside = entry.path.with_name(entry.path.name + ".invalid")
+            aside = entry.path.with_name(entry.path.name + INVALID_SUFFIX)
             try:
                 os.replace(entry.path, aside)
             except OSError as exc:
@@ -203,9 +184,7 @@ class CheckpointStore:
 
     def remove_temp_files(self) -> list[Path]:
         """Temporary files left by a process killed mid-write; they were never checkpoints."""
-        if not self.directory.is_dir():
-            return []
-        stale = [p for p in self.directory.iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_file()]
+        stale = temp_files(self.directory)
         for path in stale:
             try:
                 path.unlink(missing_ok=True)

@@ -3,10 +3,10 @@ and the conversion of the tree into the typed sections, with a `ConfigError` nam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
-import dataclasses
 from pathlib import Path
 from typing import Any
 

@@ -15,19 +15,21 @@ from typing import Any
 
 from daemon.config.loading import build, flatten, read_tree
 from daemon.errors import ConfigError
-from daemon.service.threads import WAIT_POLICIES
 
 SEED_MAX = 2**32 - 1  # numpy's global RNG takes 32-bit seeds
 
 
 BUILTIN_TASK = "daemon.builtin.mnist_mlp:build"
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How OpenMP threads wait at a barrier: "auto" follows the machine; the others are libgomp spin
+# counts (daemon/service/threads.py, SPIN_COUNTS).
+WAIT_POLICIES = ("auto", "bounded", "passive", "active")
 
 
 @dataclass(kw_only=True)
 class TaskConfig:
     # What trains: "package.module:callable" or "path/to/file.py:callable" (relative to the working
-    # directory), called with a daemon.task.TaskContext; it returns the task (README, "Your own model").
+    # directory), called with a daemon.train.task.TaskContext; it returns the task (docs/task.md).
     entry: str = BUILTIN_TASK
     options: dict[str, Any] = field(default_factory=dict)  # handed to the task as context.options
 
@@ -110,7 +112,7 @@ class TrainConfig:
     # torch.use_deterministic_algorithms: an op without a deterministic kernel stops the run (exit 78)
     # instead of making it silently inexact. false: such ops run, and resume is no longer bitwise.
     deterministic: bool = True
-    cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (README, "Threads")
+    cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (docs/exactness.md, "Threads")
     cpu_wait: str = "auto"  # how OpenMP threads wait at a barrier: "auto" (follows the machine), "bounded", "active", "passive"
     grad_accum_steps: int = 1  # batches of batch_size whose gradients make one optimizer step
     precision: str = "fp32"  # "bf16": autocast to bfloat16 (CPU, CUDA); "fp16": float16 with loss scaling (CUDA)
@@ -171,7 +173,7 @@ class DistConfig:
     # Processes on this machine, each a rank training its slice of every global batch (train.batch_size
     # samples whatever the world size); 1: today's single process, no process group.
     nproc_per_node: int = 1
-    nnodes: int = 1  # machines; each runs `trainer run` with the same config (README, "Several processes")
+    nnodes: int = 1  # machines; each runs `trainer run` with the same config (docs/distributed.md)
     rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous, the same on every node
     max_restarts: int = 0  # restarts of the rank group after a rank crashed or was killed (not after a stop)
     backend: str = "auto"  # "auto": gloo on the CPU, nccl on CUDA

@@ -1,31 +1,30 @@
-"""One rank of a run trained by several processes: the process group, the agreement on stop and
-save requests at step boundaries, state that each rank keeps for itself, and the checkpoint as every
-rank sees it (rank 0 reads and writes it; no rank goes on before a save is durable).
-
-A process started without RANK in its environment trains alone: `Solo` has the same interface and
-does nothing collective, so the loop has one shape for both.
+"""The processes a run trains with, behind one Protocol: `Solo` (a process started without RANK in
+its environment trains alone, and does nothing collective) and `Ranks` (one rank of a process group
+that a launcher started: DDP, the agreement on requests, rank-keyed state, the checkpoint as every
+rank sees it: rank 0 reads and writes it, and no rank goes on before a save is durable). The loop
+has one shape for both.
 """
-
 
 from __future__ import annotations
 
 import datetime
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from daemon import events
 from daemon.ckpt.registry import Stateful
 from daemon.ckpt.store import BackgroundWriter, CheckpointStore
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import Agreement, Requests
 from daemon.dist.rank_state import RANK_KEY, NoWriter, OwnState, RankKeyed, RankZeroStore, pickled, unpickled
+from daemon.ckpt.rng import RNGState
 from daemon.errors import TrainerError
-from daemon.train.state import RNGState
 
 
 def rank_from_env() -> tuple[int, int, int] | None:
@@ -39,6 +38,46 @@ def seed_for_rank(seed: int, rank: int) -> int:
     """Each rank's own stream for what a step draws (dropout): the same masks on every rank's
     slice would correlate them. Rank 0 keeps the configured seed."""
     return (seed + rank) % 2**32
+
+
+class ProcessGroup(Protocol):
+    """What the run asks of the processes it trains with."""
+
+    rank: int
+    world_size: int
+    is_writer: bool  # writes the checkpoints, the run directory's files and the history (rank 0)
+
+    def place(self, device: torch.device) -> torch.device: ...
+
+    def reseed(self, seed: int) -> None:
+        """After the model's initialisation: each rank's own RNG stream from here."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as the steps run it."""
+
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss a backward starts from."""
+
+    def rank_keyed(self, part: Stateful) -> Stateful: ...
+
+    def gather_rank_keyed(self, state: dict) -> dict: ...
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def store(self, store: CheckpointStore) -> CheckpointStore | RankZeroStore: ...
+
+    def writer(self, store: CheckpointStore) -> BackgroundWriter | NoWriter: ...
+
+    def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
+        """Whether a checkpoint was loaded (`resume(load)` finds and loads it where it is read)."""
+
+    def agree(self) -> Requests:
+        """At a step boundary: the requests every rank acts on now."""
+
+    def stop_agreed(self, stop: bool) -> bool:
+        """Outside a step (start-up, between epochs): whether any rank asks to stop."""
+
+    def close(self) -> None: ...
 
 
 class Solo:
@@ -87,7 +126,7 @@ class Solo:
     def stop_agreed(self, stop: bool) -> bool:
         return stop
 
-    def close(self, log) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -133,7 +172,7 @@ class Ranks:
     def rank_keyed(self, part: Stateful) -> Stateful:
         return RankKeyed(part, self)
 
-    def store(self, store: CheckpointStore) -> CheckpointStore:
+    def store(self, store: CheckpointStore) -> CheckpointStore | RankZeroStore:
         return RankZeroStore(store, self)
 
     def writer(self, store: CheckpointStore) -> BackgroundWriter | NoWriter:
@@ -200,11 +239,11 @@ class Ranks:
     def stop_agreed(self, stop: bool) -> bool:
         return self.agreement.stop_agreed(stop)
 
-    def close(self, log) -> None:
-        log.info("agreement_cost", **self.agreement.cost())
+    def close(self) -> None:
+        events.AGREEMENT_COST.emit(**self.agreement.cost())
 
 
-def join(cfg: DistConfig, device: torch.device, local: Callable[[], Requests]) -> Solo | Ranks:
+def join(cfg: DistConfig, device: torch.device, local: Callable[[], Requests]) -> ProcessGroup:
     """This process's place in the run: a rank when a launcher started it as one, else alone.
     `local`: this process's pending requests, which the ranks agree on at each step."""
     found = rank_from_env()

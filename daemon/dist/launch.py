@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
+from daemon import events
 from daemon.service import logs
 from daemon.config.sections import DistConfig
 from daemon.errors import ExitCode
@@ -55,7 +56,7 @@ class _Agent(LocalElasticAgent):
         return RunResult(state=WorkerState.SUCCEEDED, return_values={rank: codes.get(rank, 0) for rank in ranks})
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
-        logs.get().warning("ranks_restarting", remaining_restarts=self._remaining_restarts, max_restarts=worker_group.spec.max_restarts)
+        events.RANKS_RESTARTING.emit(remaining_restarts=self._remaining_restarts, max_restarts=worker_group.spec.max_restarts)
         super()._restart_workers(worker_group)
 
 
@@ -89,7 +90,6 @@ def build_agent(cfg: DistConfig, argv: list[str]) -> _Agent:
 
 def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: Notifier) -> ExitCode:
     """Run the ranks to their end; the exit code they make."""
-    log = logs.get()
     # JSON lines only on stdout: the agent's own log lines say in events of ours what they would.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # The ranks are not the service's main process: systemd hears from this one, and the ranks'
@@ -115,7 +115,7 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
 
     thread = threading.Thread(target=run, name="elastic-agent", daemon=True)
     thread.start()
-    forwarder = Forwarder(signals, log)
+    forwarder = Forwarder(signals)
     started: set[int] = set()
     with SignalWakeup() as wakeup:
         while thread.is_alive():
@@ -123,7 +123,7 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
             pids = [worker.id for worker in agent.get_worker_group().workers if worker.id is not None]
             if pids and set(pids) != started:
                 started = set(pids)
-                log.info("ranks_started", pids=pids, nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes)
+                events.RANKS_STARTED.emit(pids=pids, nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes)
                 notifier.ready(f"{len(pids)} ranks training")
             forwarder.forward(pids)
             if heartbeats and heartbeats.all_beat(pids):
@@ -135,7 +135,7 @@ def launch(cfg: DistConfig, argv: list[str], signals: SignalRecorder, notifier: 
     result = outcome["result"]
     code = exit_code(result)
     exits = {rank: failure.exitcode for rank, failure in result.failures.items()} or result.return_values
-    log.info("ranks_exited", exit_codes={str(rank): code or 0 for rank, code in exits.items()}, exit_code=int(code))
+    events.RANKS_EXITED.emit(exit_codes={str(rank): code or 0 for rank, code in exits.items()}, exit_code=int(code))
     notifier.stopping(f"ranks exited, {int(code)}")
     return code
 
@@ -204,15 +204,14 @@ class Forwarder:
     """Sends each stop signal this process recorded to every rank's process group (a rank started
     later, after a restart, gets them too), and each SIGUSR1 to the ranks running when it came."""
 
-    def __init__(self, signals: SignalRecorder, log) -> None:
+    def __init__(self, signals: SignalRecorder) -> None:
         self.signals = signals
-        self.log = log
         self.stops: list[int] = []
         self.sent: dict[int, int] = {}  # pid -> stop signals sent to it
 
     def forward(self, pids: list[int]) -> None:
         for event in self.signals.unreported_stops():
-            self.log.info("signal_received", signal=event.name, forwarded_to=pids)
+            events.SIGNAL_RECEIVED.emit(signal=event.name, forwarded_to=pids)
             self.stops.append(event.signum)
         saves = [signal.SIGUSR1] if pids and self.signals.take_save_request() else []
         for pid in pids:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from daemon.ckpt.registry import Stateful
+from daemon.ckpt.schema import listed, require
 from daemon.ckpt.store import CheckpointStore, SaveResult
 from daemon.errors import TrainerError
 
@@ -35,6 +36,14 @@ class RankKeyed:
     def __init__(self, part: Stateful, ranks: Ranks) -> None:
         self.part = part
         self.ranks = ranks
+        if callable(getattr(part, "check_state", None)):  # a piece that checks its own format: each rank's entry
+            self.check_state = self._check_every_rank
+
+    def _check_every_rank(self, state: Any, checkpoint: dict, where: str) -> None:
+        keys = {RANK_KEY.format(rank) for rank in range(self.ranks.world_size)}
+        require(isinstance(state, dict) and state.keys() == keys, where, f"must hold the entries of {listed(keys)}")
+        for key in sorted(state):
+            self.part.check_state(state[key], checkpoint, f"{where}.{key}")  # type: ignore[attr-defined]
 
     def state_dict(self) -> OwnState:
         return OwnState(self.part.state_dict())

@@ -8,14 +8,15 @@ import argparse
 import os
 import sys
 
+from daemon import events
+from daemon.ckpt.crashloop import CrashLoopGuard
+from daemon.config.sections import Config
+from daemon.errors import ConfigError, ExitCode, TrainerError
 from daemon.service import logs
 from daemon.service.allocator import keep_freed_memory
-from daemon.config.sections import Config
 from daemon.service.contention import CpuSampler
-from daemon.ckpt.crashloop import CrashLoopGuard
-from daemon.errors import ConfigError, ExitCode, TrainerError
-from daemon.service.signals import SignalRecorder
 from daemon.service.notify import Notifier
+from daemon.service.signals import SignalRecorder
 from daemon.service.threads import configure_before_torch, hand_over
 
 
@@ -51,8 +52,7 @@ def main(signals: SignalRecorder, argv: list[str] | None = None, started: CpuSam
         cfg = Config.from_yaml(args.config, args.overrides)
     except ConfigError as exc:
         logs.configure()
-        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
-        return exc.exit_code
+        return exc.report()
     logs.configure(cfg.log.level, cfg.log.format)
     if args.command == "status":
         return _status(cfg, as_json=args.json)
@@ -67,7 +67,6 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
     import contextlib
     from pathlib import Path
 
-    log = logs.get()
     notifier = Notifier()
     cpu = configure_before_torch(cfg.train.cpu_threads, cfg.train.cpu_wait, started)
     keep_freed_memory()  # before torch allocates anything
@@ -81,28 +80,27 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
         with CrashLoopGuard(Path(cfg.checkpoint.dir)) if writer else contextlib.nullcontext():  # before torch: a crash importing it counts
             import torch
 
-            from daemon.train.loop import Trainer  # imports torch: after the signal handlers are in place
+            from daemon.train.assembly import assemble  # imports torch: after the signal handlers are in place
+            from daemon.train.loop import Trainer
 
             torch.set_num_threads(cpu.threads)  # as already in force, unless a script imported torch first
-            trainer = Trainer(cfg, signals, notifier, cpu)
-            code = trainer.run()
+            outcome = Trainer(assemble(cfg, signals, notifier, cpu)).run()
     except TrainerError as exc:
-        log.error(exc.event, message=str(exc), exit_code=int(exc.exit_code), **exc.fields)
-        return exc.exit_code
+        return exc.report()
     except Exception:
-        log.exception("crashed", exit_code=int(ExitCode.FAILURE))
+        events.CRASHED.emit_with_traceback(exit_code=int(ExitCode.FAILURE))
         return ExitCode.FAILURE
-    if trainer.handover is None:
-        return code
+    if outcome.handover is None:
+        return outcome.exit_code
     try:
-        hand_over(trainer.handover, signals)  # on success, never returns
+        hand_over(outcome.handover, signals)  # on success, never returns
     except OSError as exc:
-        log.error("handover_failed", message=f"could not start the process to hand over to: {exc}; the checkpoint "
+        events.HANDOVER_FAILED.emit(message=f"could not start the process to hand over to: {exc}; the checkpoint "
                   f"holds the position, a restart resumes it", exit_code=int(ExitCode.STOPPED))  # fmt: skip
         return ExitCode.STOPPED
     for event in signals.unreported_stops():
-        log.info("signal_received", signal=event.name, during="handover")
-    log.info("stopped", exit_code=int(ExitCode.STOPPED))
+        events.SIGNAL_RECEIVED.emit(signal=event.name, during="handover")
+    events.STOPPED.emit(exit_code=int(ExitCode.STOPPED))
     return ExitCode.STOPPED
 
 
@@ -112,13 +110,12 @@ def _verify(args: argparse.Namespace) -> int:
     from daemon.ops.verify import verify
 
     if args.steps < 4:
-        logs.get().error("usage_error", message="--steps must be at least 4: three interruptions and a step between each")
+        events.USAGE_ERROR.emit(message="--steps must be at least 4: three interruptions and a step between each")
         return ExitCode.USAGE
     try:
         return verify(Path(args.config), args.overrides, args.steps, as_json=args.json)
     except TrainerError as exc:
-        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
-        return exc.exit_code
+        return exc.report()
 
 
 def _plot(cfg: Config, args: argparse.Namespace) -> int:
@@ -130,13 +127,10 @@ def _plot(cfg: Config, args: argparse.Namespace) -> int:
         directories = [Path(d) for d in args.run_dirs] or [Path(cfg.checkpoint.dir)]
         drawn = plot(directories, Path(args.out))
     except ModuleNotFoundError as exc:
-        error = ConfigError(f"trainer plot needs {exc.name}: pip install 'trainer[plot]' (matplotlib)")
-        logs.get().error(error.event, message=str(error), exit_code=int(error.exit_code))
-        return error.exit_code
+        return ConfigError(f"trainer plot needs {exc.name}: pip install 'trainer[plot]' (matplotlib)").report()
     except TrainerError as exc:
-        logs.get().error(exc.event, message=str(exc), exit_code=int(exc.exit_code))
-        return exc.exit_code
-    logs.get().info("plot_written", path=args.out, runs=drawn)
+        return exc.report()
+    events.PLOT_WRITTEN.emit(path=args.out, runs=drawn)
     return ExitCode.COMPLETE
 
 

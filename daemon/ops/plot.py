@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon.ckpt.history import read_records
+from daemon.ckpt.layout import HISTORY_FILE
 from daemon.errors import ConfigError
-from daemon.ckpt.history import HISTORY_FILE, read_records
 
 SIZE_INCHES, DPI = (10, 7), 100  # a 1000 x 700 PNG
 MARKERS = {"emergency": "v", "on_demand": "^"}

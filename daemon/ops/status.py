@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from daemon.ckpt.history import read_records
+from daemon.ckpt.layout import HISTORY_FILE
+from daemon.ckpt.lock import describe, holder
 from daemon.ckpt.store import CheckpointStore
 from daemon.config.sections import Config
-from daemon.ckpt.history import HISTORY_FILE, read_records
-from daemon.ckpt.lock import describe, holder
 
 RATE_RECORDS = 10  # the ETA's rate: over the newest training records since the last resume
 SCAN_TRIES = 5  # listings of a directory whose files a running trainer replaces meanwhile

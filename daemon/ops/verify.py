@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from daemon.ckpt.store import NAME, CheckpointStore, Entry, read_checkpoint
-from daemon.ops.child import TrainerChild
+from daemon import events
+from daemon.ckpt.layout import CHECKPOINT_NAME
+from daemon.ckpt.store import CheckpointStore, Entry, read_checkpoint
 from daemon.errors import ExitCode, TrainerError
+from daemon.ops.child import TrainerChild
 
 # What a resumed run must reproduce. Left out: `kind`, and `config` (its checkpoint.dir differs).
 # What a checkpoint holds besides the training state: which save wrote it, and the settings the run
@@ -72,7 +74,7 @@ class VerifyError(TrainerError):
     """A verification run did not behave as planned (it crashed, or ended before it could be interrupted)."""
 
     exit_code = ExitCode.FAILURE
-    event = "verify_error"
+    event = events.VERIFY_ERROR
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Verifier:
         def periodic(run: str) -> dict[int, Path]:
             found = {}
             for path in (self.scratch / run).iterdir():
-                match = NAME.match(path.name)
+                match = CHECKPOINT_NAME.match(path.name)
                 if match and match["kind"] == "periodic":
                     found[int(match["step"])] = path
             return found

@@ -4,7 +4,7 @@ Every step frees and reallocates the same activation and gradient buffers. With 
 buffers above its (adaptive) mmap threshold are mapped and unmapped each step, and freed memory at
 the top of the heap goes back to the kernel, so each step faults in fresh zeroed pages: ~300 a step
 for the MLP here, and 30-40% of its step time on this VM. Fixed thresholds keep freed memory in the
-process for the next step. A plain loop gets the same with GLIBC_TUNABLES (README, "Benchmark").
+process for the next step. A plain loop gets the same with GLIBC_TUNABLES (docs/benchmark.md).
 """
 
 from __future__ import annotations

@@ -91,6 +91,12 @@ class WaitAdvisor:
         self._against_since: float | None = None  # since when every reading has argued for the other policy
         self.others: float | None = None  # the last reading
 
+    def reading(self) -> dict:
+        """What was last measured, for the `progress` events: other work's use of this run's CPUs."""
+        if self.others is None:
+            return {}
+        return {"cpu_wait": self.policy, "others_cpus": round(self.others, 2)}
+
     def poll(self) -> str | None:
         """The other policy, once it is due; None while this one stays."""
         now = time.monotonic()

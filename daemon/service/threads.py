@@ -14,7 +14,7 @@ about it are settled here rather than left to the environment:
   gives the same bits as MKL's default.
 * How long a thread spins at a barrier before it sleeps (`train.cpu_wait`). libgomp's default is
   300,000 spins, milliseconds of burnt CPU per wait: on a shared machine the thread being waited
-  for is often descheduled, and the team spends its time slices spinning (README, "Threads").
+  for is often descheduled, and the team spends its time slices spinning (docs/exactness.md, "Threads").
   `auto` chooses at start from what other work is doing on our CPUs (daemon/service/contention.py), and
   the run switches later by handing over to a fresh process (`hand_over`): the waiting policy
   changes no result, and the resume from the handover checkpoint is exact.
@@ -34,8 +34,7 @@ from daemon.service.signals import SAVE_SIGNAL, STOP_SIGNALS, SignalRecorder
 
 # libgomp's spin count for each `train.cpu_wait`; None: libgomp's own default (300,000).
 # "bounded" is libgomp's throttled count, the one it uses itself when threads outnumber CPUs.
-SPIN_COUNTS = {"bounded": 1000, "passive": 0, "active": None}
-WAIT_POLICIES = ("auto", *SPIN_COUNTS)
+SPIN_COUNTS = {"bounded": 1000, "passive": 0, "active": None}  # every train.cpu_wait but "auto"
 # Set by a run handing over to its successor: the waiting policy the successor starts with.
 HANDOVER_VARIABLE = "TRAINER_CPU_WAIT_HANDOVER"
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from daemon.ckpt.schema import conform, like, require
 from daemon.config.sections import DataConfig
 from daemon.service.signals import ignore_stop_signals_in_worker
 
@@ -91,6 +92,20 @@ class EpochBatchSampler(Sampler[list[int]]):
             "batch_size": self.batch_size,
             "order": self.order.clone(),
         }
+
+    def check_state(self, data: Any, checkpoint: dict, where: str = "data") -> None:
+        """Raise InvalidCheckpoint unless `data` is this run's data order at the checkpoint's position."""
+        live = self.state_dict()
+        conform(data, {**live, "order": like(live["order"], (live["num_samples"],))}, where)
+        for key in ("version", "num_samples", "batch_size"):
+            require(data[key] == live[key], f"{where}.{key}", f"{data[key]}, this run has {live[key]}")
+        # Mid-epoch the order is that of the epoch in flight; at an epoch's start, that of the one before.
+        epoch, step = checkpoint["epoch"], checkpoint["step_in_epoch"]
+        allowed = (epoch,) if step else (epoch - 1, epoch)
+        require(data["epoch"] in allowed, f"{where}.epoch", f"{data['epoch']} for a checkpoint at epoch {epoch} step {step}")
+        order = data["order"]
+        is_permutation = torch.equal(order.sort().values, torch.arange(len(order), dtype=order.dtype))
+        require(is_permutation, f"{where}.order", f"is not a permutation of the {len(order)} samples")
 
     def load_state_dict(self, state: dict) -> None:
         if state["version"] != self.VERSION:

@@ -5,11 +5,9 @@ Stored as tensors and plain values only, so a checkpoint loads with weights_only
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 
@@ -26,6 +24,10 @@ class TrainProgress:
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # a task's step metrics, as loss_sum
     history: list[dict] = field(default_factory=list)  # per completed epoch, numbered from 1
+
+    def position(self) -> dict[str, int]:
+        """Where the run stands, as every event that has a position names it."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
 
     def to(self, device: torch.device) -> TrainProgress:
         self.loss_sum = self.loss_sum.to(device)
@@ -133,53 +135,3 @@ class RunningSums:
         p.loss_sum.fill_(state["loss_sum"])
         p.own_samples = state["samples"]
         p.metric_sums = {name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device) for name, total in state["sums"].items()}
-
-
-class RNGState:
-    """Every RNG a step may draw from: torch CPU, each CUDA device in use, numpy, python `random`."""
-
-    VERSION = 1
-
-    @staticmethod
-    def seed_all(seed: int) -> None:
-        torch.manual_seed(seed)  # CUDA devices too
-        np.random.seed(seed)
-        random.seed(seed)
-
-    @staticmethod
-    def state_dict() -> dict:
-        _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-        py_version, py_state, py_gauss = random.getstate()
-        return {
-            "version": RNGState.VERSION,
-            "torch": torch.get_rng_state(),
-            # Only when this process uses CUDA: asking would initialise it.
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "numpy": {
-                "keys": torch.from_numpy(np_keys.astype(np.int64)),
-                "pos": int(np_pos),
-                "has_gauss": int(np_has_gauss),
-                "cached_gaussian": float(np_cached),
-            },
-            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-        }
-
-    @staticmethod
-    def load_state_dict(state: dict) -> None:
-        if state["version"] != RNGState.VERSION:
-            raise ValueError(f"RNG state version {state['version']}, expected {RNGState.VERSION}")
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_initialized():  # as in state_dict(): only when this process uses CUDA
-            torch.cuda.set_rng_state_all(state["cuda"])
-        numpy_state = state["numpy"]
-        np.random.set_state(
-            (
-                "MT19937",
-                numpy_state["keys"].numpy().astype(np.uint32),
-                numpy_state["pos"],
-                numpy_state["has_gauss"],
-                numpy_state["cached_gaussian"],
-            )
-        )
-        python_state = state["python"]
-        random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))

@@ -11,17 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from daemon.ckpt.rng import RNGState
 from daemon.config.sections import TrainConfig
 from daemon.errors import ConfigError
-from daemon.train.state import RNGState
-from daemon.train.task import Task, has_state
+from daemon.train.task import TaskAdapter
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Stepper:
     def __init__(
-        self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+        self, task: TaskAdapter, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         clip_grad_norm: float | None, device: torch.device, carry: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:  # fmt: skip
         """`model`: the task's model as the steps run it (wrapped by DDP when there are several ranks).
@@ -52,8 +52,7 @@ class Stepper:
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
         with self._autocast():
-            out = self.task.training_step(self.model, batch)
-        return out if isinstance(out, tuple) else (out, {})
+            return self.task.training_step(self.model, batch)
 
     def _settle_bucket_layout(self, batch: Any) -> None:
         """DDP lays its gradient buckets out anew after a process's first backward, in the order the
@@ -64,7 +63,7 @@ class Stepper:
         task's own state."""
         rng = RNGState.state_dict()
         buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
-        task_state = copy.deepcopy(self.task.state_dict()) if has_state(self.task) else None
+        task_state = copy.deepcopy(self.task.state_dict()) if self.task.has_state else None
         self._carry(self._forward(batch)[0]).backward()
         unused = [name for name, p in self.task.model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:

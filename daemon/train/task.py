@@ -2,8 +2,8 @@
 
 The daemon owns the loop, the data order, the signals and every piece of state; a task owns only
 its model, its data and its loss. `task.entry` names a callable that takes a TaskContext and
-returns an object with the attributes of `Task`; the optional ones are looked up with `getattr`.
-README, "Your own model", walks through one.
+returns an object with the attributes of `Task`. `TaskAdapter` wraps it once, at start: the optional
+parts are found there, and the loop calls the adapter alone. docs/task.md walks through one.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _import_file(path: Path):
     return module
 
 
-def build_task(entry: str, context: TaskContext) -> Task:
+def build_task(entry: str, context: TaskContext) -> TaskAdapter:
     """Call the entry; a result without a required part is a config error naming the part."""
     task = load_entry(entry)(context)
     missing = [part for part in REQUIRED if not hasattr(task, part)]
@@ -107,12 +107,40 @@ def build_task(entry: str, context: TaskContext) -> Task:
     for part in ("training_step", "evaluate"):
         if not callable(getattr(task, part)):
             raise ConfigError(f"task.entry: {entry} returned a {part} that is not callable")
-    return task
+    return TaskAdapter(task, entry)
 
 
-def version_of(task: Task) -> str:
-    return str(getattr(task, "version", ""))
+class TaskAdapter:
+    """A user's task as the daemon calls it: its optional parts found once, its step's result and
+    its evaluation in one form."""
 
+    def __init__(self, task: Task, entry: str) -> None:
+        self.task = task
+        self.entry = entry
+        self.model: nn.Module = task.model
+        self.train_set: Dataset = task.train_set
+        self.version = str(getattr(task, "version", ""))
+        self.collate_fn: Callable | None = getattr(task, "collate_fn", None)
+        self.configure_optimizers: Callable | None = getattr(task, "configure_optimizers", None)
+        self.has_state = callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
+        test_set = getattr(task, "test_set", None)
+        self.test_samples = len(test_set) if test_set is not None and hasattr(test_set, "__len__") else None
 
-def has_state(task: Task) -> bool:
-    return callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
+        out = self.task.training_step(model, batch)
+        return out if isinstance(out, tuple) else (out, {})
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The task's evaluation, its metric names checked against the daemon's own."""
+        metrics = dict(self.task.evaluate(model))
+        clashing = [name for name in metrics if not isinstance(name, str) or name == "epoch" or name.startswith("train_")]
+        if clashing:
+            raise ConfigError(f"task.entry: {self.entry} evaluates metrics named {clashing}: 'epoch' and "
+                              f"'train_*' are the daemon's own (the epoch, and the training metrics averaged over it)")  # fmt: skip
+        return {name: float(value) for name, value in metrics.items()}
+
+    def state_dict(self) -> Any:
+        return self.task.state_dict()  # type: ignore[attr-defined]  # only called where has_state
+
+    def load_state_dict(self, state: Any) -> None:
+        self.task.load_state_dict(state)  # type: ignore[attr-defined]

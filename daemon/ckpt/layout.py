@@ -1,0 +1,79 @@
+"""The run directory (`checkpoint.dir`): every file the daemon keeps there, named here, and the one
+atomic writer that puts each in place.
+
+    ckpt-<global step, 10 digits>-<kind>.pt   a checkpoint (names sort by step)
+    ckpt-...pt.invalid                        a checkpoint found invalid, set aside for inspection
+    run.lock                                  held by the run training here (daemon/ckpt/lock.py)
+    crash-record.json                         the crash-loop guard's record (daemon/ckpt/crashloop.py)
+    last-logged-step.json                     the step last reported (daemon/ckpt/logged_step.py)
+    metrics.jsonl                             the metrics history (daemon/ckpt/history.py)
+    .tmp-<name>.<pid>.<random>                a file being written; left behind only by a killed writer
+
+Imports nothing beyond the standard library: the crash-loop guard reads the directory before torch
+is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
+INVALID_SUFFIX = ".invalid"
+LOCK_FILE = "run.lock"
+CRASH_RECORD_FILE = "crash-record.json"
+LOGGED_STEP_FILE = "last-logged-step.json"
+HISTORY_FILE = "metrics.jsonl"
+TEMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(global_step: int, kind: str) -> str:
+    return f"ckpt-{global_step:010d}-{kind}.pt"
+
+
+def write_atomic(directory: Path, name: str, write: Callable[[BinaryIO], object], *, durable: bool) -> int:
+    """Put `directory/name` in place whole or not at all: `write` fills a temporary file, which is
+    renamed over `name`; `durable`: fsynced first, and the directory after the rename (a checkpoint
+    exists only once both are on disk). Returns the file's size.
+
+    The temporary file's name is unique and it is created exclusively without following a link: a
+    name planted in a directory others can write (a link to a file elsewhere) makes the write fail
+    instead of writing through it. On any failure it is removed and the error raised."""
+    temp = directory / f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb") as file:
+            write(file)
+            file.flush()
+            if durable:
+                os.fsync(file.fileno())
+            size = os.fstat(file.fileno()).st_size
+        os.replace(temp, directory / name)
+    except BaseException:
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:  # a read-only or vanished directory refuses the clean-up too: the first error says why
+            pass
+        raise
+    if durable:
+        fsync_directory(directory)
+    return size
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_files(directory: Path) -> list[Path]:
+    """Temporary files left by a writer that was killed mid-write: never complete, never read."""
+    if not directory.is_dir():
+        return []
+    return [path for path in directory.iterdir() if path.name.startswith(TEMP_PREFIX) and path.is_file()]
