@@ -54,9 +54,15 @@ class Event:
     __slots__ = ("name", "level", "meaning", "fields", "at_position", "more")
 
     def __init__(
-        self, name: str, level: str, meaning: str, fields: tuple[str, ...] = (), *, at_position: bool = False,
+        self,
+        name: str,
+        level: str,
+        meaning: str,
+        fields: tuple[str, ...] = (),
+        *,
+        at_position: bool = False,
         more: str = "",
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`fields`: those it carries besides the common ones; `more`: fields it carries whose names
         depend on the run (a task's metrics), described."""
         self.name = name
@@ -91,73 +97,175 @@ def _event(*args: Any, **kwargs: Any) -> Event:
 
 
 # -- a run's life --------------------------------------------------------------------------
-RUN_STARTED = _event("run_started", "info", "The task, data and model are built and the directory is locked (`task`: its entry; `test_samples` when the task has a test_set; `steps_per_epoch` in optimizer steps).",
-                     ("device", "task", "parameters", "train_samples", "test_samples", "steps_per_epoch", "epochs",
-                      "fingerprint"))  # fmt: skip
-DATASET_PREPARED = _event("dataset_prepared", "info", "The built-in task laid MNIST out in data.root.", ("root", "files"))
-DETERMINISM = _event("determinism", "info", "After the resume, before training: what makes this run's results what they are. `cpu_wait` is the setting, `cpu_wait_in_force` auto's choice, `others_cpus` what auto measured at start (null after a handover), `cpu_wait_switching` whether auto follows the machine from here, `environment` the OpenMP/MKL variables in force; the cudnn and cublas fields on CUDA only.",
-                     ("deterministic_algorithms", "torch_version", "cpu_wait", "cpu_wait_in_force", "others_cpus",
-                      "cpu_wait_switching", "precision", "cpu_threads", "interop_threads", "cpu_capability",
-                      "environment", "cudnn_deterministic", "cudnn_benchmark", "cublas_workspace_config"))  # fmt: skip
-EPOCH_STARTED = _event("epoch_started", "info", "An epoch (re)starts; a stop is acted on after a step from here.",
-                       ("steps_in_epoch",), at_position=True)  # fmt: skip
-PROGRESS = _event("progress", "info", "Every log.progress_every_seconds: the epoch in flight's mean loss and rate; with train.cpu_wait auto, the policy in force and `others_cpus`, its last reading.",
-                  ("steps_in_epoch", "loss", "steps_per_s", "cpu_wait", "others_cpus"), at_position=True,
-                  more="train_<name>: the task's step metrics, averaged over the epoch so far")  # fmt: skip
-EPOCH_COMPLETED = _event("epoch_completed", "info", "An epoch was evaluated and its checkpoint is durable; `epoch` counts the epochs completed, `headline` names the evaluation's first metric (built-in: `test_accuracy`, a fraction).",
-                         ("train_loss", "headline", "seconds", "steps_per_s"), at_position=True,
-                         more="the task's evaluation metrics (the headline first) and train_<name> step metrics")  # fmt: skip
-TRAINING_COMPLETED = _event("training_completed", "info", "The run is complete (exit 0); `headline` and its value are the last completed epoch's (`headline: null` when train.max_steps ended the run before one).", ("headline",),
-                            at_position=True, more="<headline>: the last epoch's headline metric")  # fmt: skip
-TRAINING_ALREADY_COMPLETE = _event("training_already_complete", "info",
-                                   "Started on a complete run: nothing to do (exit 0).", ("epochs", "max_steps"),
-                                   at_position=True)  # fmt: skip
+RUN_STARTED = _event(
+    "run_started",
+    "info",
+    "The task, data and model are built and the directory is locked (`task`: its entry; `test_samples` when the task has a test_set; `steps_per_epoch` in optimizer steps).",
+    ("device", "task", "parameters", "train_samples", "test_samples", "steps_per_epoch", "epochs", "fingerprint"),
+)
+DATASET_PREPARED = _event(
+    "dataset_prepared", "info", "The built-in task laid MNIST out in data.root.", ("root", "files")
+)
+DETERMINISM = _event(
+    "determinism",
+    "info",
+    "After the resume, before training: what makes this run's results what they are. `cpu_wait` is the setting, `cpu_wait_in_force` auto's choice, `others_cpus` what auto measured at start (null after a handover), `cpu_wait_switching` whether auto follows the machine from here, `environment` the OpenMP/MKL variables in force; the cudnn and cublas fields on CUDA only.",
+    (
+        "deterministic_algorithms",
+        "torch_version",
+        "cpu_wait",
+        "cpu_wait_in_force",
+        "others_cpus",
+        "cpu_wait_switching",
+        "precision",
+        "cpu_threads",
+        "interop_threads",
+        "cpu_capability",
+        "environment",
+        "cudnn_deterministic",
+        "cudnn_benchmark",
+        "cublas_workspace_config",
+    ),
+)
+EPOCH_STARTED = _event(
+    "epoch_started",
+    "info",
+    "An epoch (re)starts; a stop is acted on after a step from here.",
+    ("steps_in_epoch",),
+    at_position=True,
+)
+PROGRESS = _event(
+    "progress",
+    "info",
+    "Every log.progress_every_seconds: the epoch in flight's mean loss and rate; with train.cpu_wait auto, the policy in force and `others_cpus`, its last reading.",
+    ("steps_in_epoch", "loss", "steps_per_s", "cpu_wait", "others_cpus"),
+    at_position=True,
+    more="train_<name>: the task's step metrics, averaged over the epoch so far",
+)
+EPOCH_COMPLETED = _event(
+    "epoch_completed",
+    "info",
+    "An epoch was evaluated and its checkpoint is durable; `epoch` counts the epochs completed, `headline` names the evaluation's first metric (built-in: `test_accuracy`, a fraction).",
+    ("train_loss", "headline", "seconds", "steps_per_s"),
+    at_position=True,
+    more="the task's evaluation metrics (the headline first) and train_<name> step metrics",
+)
+TRAINING_COMPLETED = _event(
+    "training_completed",
+    "info",
+    "The run is complete (exit 0); `headline` and its value are the last completed epoch's (`headline: null` when train.max_steps ended the run before one).",
+    ("headline",),
+    at_position=True,
+    more="<headline>: the last epoch's headline metric",
+)
+TRAINING_ALREADY_COMPLETE = _event(
+    "training_already_complete",
+    "info",
+    "Started on a complete run: nothing to do (exit 0).",
+    ("epochs", "max_steps"),
+    at_position=True,
+)
 
 # -- signals and stopping ------------------------------------------------------------------
-SIGNAL_RECEIVED = _event("signal_received", "info",
-                         "A stop signal (SIGTERM, SIGINT), logged at the safe point that acts on it; its position is "
-                         "the last completed step. `during`: `emergency_save`, `completion` (it came during the last "
-                         "evaluation or final save: the run completes, exit 0) or `handover`; `forwarded_to`: the "
-                         "launcher sent it on to these ranks.",
-                         ("signal", "waited_ms", "during", "forwarded_to"), at_position=True)  # fmt: skip
-STOPPED = _event("stopped", "info", "Stopped by a signal; the newest checkpoint holds the position (exit 75).",
-                 ("exit_code",), at_position=True)  # fmt: skip
-CPU_WAIT_SWITCH = _event("cpu_wait_switch", "info",
-                         "train.cpu_wait auto switches the waiting policy: a handover checkpoint, then the process "
-                         "re-executes itself (same PID) and logs `resumed` with kind handover.", ("from", "to", "others_cpus"), at_position=True)  # fmt: skip
-HANDOVER_FAILED = _event("handover_failed", "error", "The process to hand over to could not be started (exit 75).",
-                         ("message", "exit_code"))  # fmt: skip
+SIGNAL_RECEIVED = _event(
+    "signal_received",
+    "info",
+    "A stop signal (SIGTERM, SIGINT), logged at the safe point that acts on it; its position is "
+    "the last completed step. `during`: `emergency_save`, `completion` (it came during the last "
+    "evaluation or final save: the run completes, exit 0) or `handover`; `forwarded_to`: the "
+    "launcher sent it on to these ranks.",
+    ("signal", "waited_ms", "during", "forwarded_to"),
+    at_position=True,
+)
+STOPPED = _event(
+    "stopped",
+    "info",
+    "Stopped by a signal; the newest checkpoint holds the position (exit 75).",
+    ("exit_code",),
+    at_position=True,
+)
+CPU_WAIT_SWITCH = _event(
+    "cpu_wait_switch",
+    "info",
+    "train.cpu_wait auto switches the waiting policy: a handover checkpoint, then the process "
+    "re-executes itself (same PID) and logs `resumed` with kind handover.",
+    ("from", "to", "others_cpus"),
+    at_position=True,
+)
+HANDOVER_FAILED = _event(
+    "handover_failed", "error", "The process to hand over to could not be started (exit 75).", ("message", "exit_code")
+)
 
 # -- checkpoints ---------------------------------------------------------------------------
-CHECKPOINT_SAVED = _event("checkpoint_saved", "info", "A checkpoint is durable (fsynced, renamed, directory fsynced).",
-                          ("kind", "path", "bytes", "duration_ms", "checkpoint_global_step"), at_position=True)  # fmt: skip
-CHECKPOINT_SNAPSHOT = _event("checkpoint_snapshot", "debug",
-                             "A periodic save's snapshot was taken; the loop went on while it is written.",
-                             ("kind", "stall_ms"))  # fmt: skip
-CHECKPOINT_SKIPPED = _event("checkpoint_skipped", "info", "No save: the newest checkpoint holds this very step.",
-                            ("reason",), at_position=True)  # fmt: skip
-CHECKPOINT_INVALID = _event("checkpoint_invalid", "warning",
-                            "A checkpoint failed its checks and was set aside (moved_to) or, not being a regular "
-                            "file, left in place; the next newest is tried.", ("path", "reason", "moved_to"))  # fmt: skip
-TEMP_FILES_REMOVED = _event("temp_files_removed", "info", "Temporary files of a killed writer were removed.", ("files",))
-FRESH_START = _event("fresh_start", "info", "No usable checkpoint: training starts from the beginning.",
-                     ("checkpoint_dir",))  # fmt: skip
-RESUMED = _event("resumed", "info", "Resumed from a checkpoint; `steps_redone`: the steps logged past it by the run that died (absent when unknown).", ("path", "kind", "steps_redone"), at_position=True)
+CHECKPOINT_SAVED = _event(
+    "checkpoint_saved",
+    "info",
+    "A checkpoint is durable (fsynced, renamed, directory fsynced).",
+    ("kind", "path", "bytes", "duration_ms", "checkpoint_global_step"),
+    at_position=True,
+)
+CHECKPOINT_SNAPSHOT = _event(
+    "checkpoint_snapshot",
+    "debug",
+    "A periodic save's snapshot was taken; the loop went on while it is written.",
+    ("kind", "stall_ms"),
+)
+CHECKPOINT_SKIPPED = _event(
+    "checkpoint_skipped", "info", "No save: the newest checkpoint holds this very step.", ("reason",), at_position=True
+)
+CHECKPOINT_INVALID = _event(
+    "checkpoint_invalid",
+    "warning",
+    "A checkpoint failed its checks and was set aside (moved_to) or, not being a regular "
+    "file, left in place; the next newest is tried.",
+    ("path", "reason", "moved_to"),
+)
+TEMP_FILES_REMOVED = _event(
+    "temp_files_removed", "info", "Temporary files of a killed writer were removed.", ("files",)
+)
+FRESH_START = _event(
+    "fresh_start", "info", "No usable checkpoint: training starts from the beginning.", ("checkpoint_dir",)
+)
+RESUMED = _event(
+    "resumed",
+    "info",
+    "Resumed from a checkpoint; `steps_redone`: the steps logged past it by the run that died (absent when unknown).",
+    ("path", "kind", "steps_redone"),
+    at_position=True,
+)
 CONFIG_CHANGED = _event("config_changed", "warning", "Resume-safe settings differ from the checkpoint's.", ("changes",))
-METRICS_LINES_DROPPED = _event("metrics_lines_dropped", "warning",
-                               "Lines of metrics.jsonl that do not parse were dropped.", ("path", "lines", "reason"))  # fmt: skip
-METRICS_HISTORY_UNAVAILABLE = _event("metrics_history_unavailable", "warning",
-                                     "metrics.jsonl cannot be written; training goes on without it.", ("path", "reason"))  # fmt: skip
+METRICS_LINES_DROPPED = _event(
+    "metrics_lines_dropped",
+    "warning",
+    "Lines of metrics.jsonl that do not parse were dropped.",
+    ("path", "lines", "reason"),
+)
+METRICS_HISTORY_UNAVAILABLE = _event(
+    "metrics_history_unavailable",
+    "warning",
+    "metrics.jsonl cannot be written; training goes on without it.",
+    ("path", "reason"),
+)
 
 # -- several ranks -------------------------------------------------------------------------
-RANKS_STARTED = _event("ranks_started", "info", "The launcher started this node's ranks.",
-                       ("pids", "nproc_per_node", "nnodes"))  # fmt: skip
-RANKS_RESTARTING = _event("ranks_restarting", "warning", "A rank crashed or was killed: the group restarts.",
-                          ("remaining_restarts", "max_restarts"))  # fmt: skip
-RANKS_EXITED = _event("ranks_exited", "info", "The ranks ended; the launcher exits with the code they make.",
-                      ("exit_codes", "exit_code"))  # fmt: skip
-AGREEMENT_COST = _event("agreement_cost", "info", "What agreeing on requests cost this rank, per step boundary.",
-                        ("boundaries", "hand_ms_mean", "read_ms_mean", "step_ms_mean", "share_of_step_percent"))  # fmt: skip
+RANKS_STARTED = _event(
+    "ranks_started", "info", "The launcher started this node's ranks.", ("pids", "nproc_per_node", "nnodes")
+)
+RANKS_RESTARTING = _event(
+    "ranks_restarting",
+    "warning",
+    "A rank crashed or was killed: the group restarts.",
+    ("remaining_restarts", "max_restarts"),
+)
+RANKS_EXITED = _event(
+    "ranks_exited", "info", "The ranks ended; the launcher exits with the code they make.", ("exit_codes", "exit_code")
+)
+AGREEMENT_COST = _event(
+    "agreement_cost",
+    "info",
+    "What agreeing on requests cost this rank, per step boundary.",
+    ("boundaries", "hand_ms_mean", "read_ms_mean", "step_ms_mean", "share_of_step_percent"),
+)
 
 # -- commands ------------------------------------------------------------------------------
 PLOT_WRITTEN = _event("plot_written", "info", "`trainer plot` wrote its PNG.", ("path", "runs"))
@@ -166,23 +274,40 @@ USAGE_ERROR = _event("usage_error", "error", "A bad command line (exit 2).", ("m
 # -- errors with a documented exit code (daemon/errors.py) ---------------------------------
 ERROR_FIELDS = ("message", "exit_code")
 CONFIG_ERROR = _event("config_error", "error", "A bad configuration or task (exit 78).", ERROR_FIELDS)
-CHECKPOINT_INCOMPATIBLE = _event("checkpoint_incompatible", "error",
-                                 "The newest checkpoint cannot be resumed exactly with this config (exit 78).",
-                                 ERROR_FIELDS)  # fmt: skip
-DATASET_UNAVAILABLE = _event("dataset_unavailable", "error", "The dataset is absent and not downloadable (exit 66).",
-                             ERROR_FIELDS)  # fmt: skip
-CHECKPOINT_WRITE_FAILED = _event("checkpoint_write_failed", "error",
-                                 "A checkpoint could not be written: disk full, read-only, permissions (exit 73).",
-                                 ERROR_FIELDS)  # fmt: skip
-CHECKPOINT_DIR_IN_USE = _event("checkpoint_dir_in_use", "error", "Another run holds the checkpoint directory (exit 69); `holder_pid` 0: a process outside this PID namespace.",
-                               (*ERROR_FIELDS, "holder_pid"))  # fmt: skip
-CRASH_LOOP = _event("crash_loop", "error", "Refused to start after crashes in a row without progress (exit 70); the message names the checkpoint the crashes started from.",
-                    ERROR_FIELDS)  # fmt: skip
-VERIFY_ERROR = _event("verify_error", "error", "A run of `trainer verify` did not behave as planned (exit 1).",
-                      ERROR_FIELDS)  # fmt: skip
+CHECKPOINT_INCOMPATIBLE = _event(
+    "checkpoint_incompatible",
+    "error",
+    "The newest checkpoint cannot be resumed exactly with this config (exit 78).",
+    ERROR_FIELDS,
+)
+DATASET_UNAVAILABLE = _event(
+    "dataset_unavailable", "error", "The dataset is absent and not downloadable (exit 66).", ERROR_FIELDS
+)
+CHECKPOINT_WRITE_FAILED = _event(
+    "checkpoint_write_failed",
+    "error",
+    "A checkpoint could not be written: disk full, read-only, permissions (exit 73).",
+    ERROR_FIELDS,
+)
+CHECKPOINT_DIR_IN_USE = _event(
+    "checkpoint_dir_in_use",
+    "error",
+    "Another run holds the checkpoint directory (exit 69); `holder_pid` 0: a process outside this PID namespace.",
+    (*ERROR_FIELDS, "holder_pid"),
+)
+CRASH_LOOP = _event(
+    "crash_loop",
+    "error",
+    "Refused to start after crashes in a row without progress (exit 70); the message names the checkpoint the crashes started from.",
+    ERROR_FIELDS,
+)
+VERIFY_ERROR = _event(
+    "verify_error", "error", "A run of `trainer verify` did not behave as planned (exit 1).", ERROR_FIELDS
+)
 ERROR = _event("error", "error", "An expected failure without an event of its own (exit 1).", ERROR_FIELDS)
-CRASHED = _event("crashed", "error", "An unexpected error (exit 1); `exception` holds the traceback as data.",
-                 ("exit_code",))  # fmt: skip
+CRASHED = _event(
+    "crashed", "error", "An unexpected error (exit 1); `exception` holds the traceback as data.", ("exit_code",)
+)
 
 
 def as_markdown() -> str:

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from daemon import events
 from daemon.ckpt.layout import HISTORY_FILE, write_atomic
@@ -60,7 +60,7 @@ class MetricsHistory:
     def __init__(self, directory: Path, progress: TrainProgress) -> None:
         self.path = directory / HISTORY_FILE
         self.progress = progress
-        self._file = None
+        self._file: TextIO | None = None  # opened by start(); None when it could not be
 
     def start(self, resumed_kind: str | None, steps_redone: int | None) -> None:
         """Keep the records up to the state the run (re)starts from; record the resume."""
@@ -68,8 +68,9 @@ class MetricsHistory:
         here = (self.progress.global_step, self.progress.epoch)
         kept = [record for record in records if _position(record) <= here]
         if dropped:
-            events.METRICS_LINES_DROPPED.emit(path=str(self.path), lines=dropped,
-                             reason="torn or unreadable (a write cut short)")  # fmt: skip
+            events.METRICS_LINES_DROPPED.emit(
+                path=str(self.path), lines=dropped, reason="torn or unreadable (a write cut short)"
+            )
         try:
             if len(kept) != len(records) or dropped:
                 data = "".join(json.dumps(record) + "\n" for record in kept).encode()
@@ -100,8 +101,14 @@ class MetricsHistory:
         if self._file is None:
             return
         p = self.progress
-        line = {"record": record, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-                **fields, "time": round(time.time(), 3)}  # fmt: skip
+        line = {
+            "record": record,
+            "epoch": p.epoch,
+            "step_in_epoch": p.step_in_epoch,
+            "global_step": p.global_step,
+            **fields,
+            "time": round(time.time(), 3),
+        }
         try:
             self._file.write(json.dumps(line) + "\n")  # line-buffered: flushed, never fsynced
         except OSError:

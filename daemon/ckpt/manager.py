@@ -39,10 +39,18 @@ if TYPE_CHECKING:
 
 class CheckpointManager:
     def __init__(
-        self, cfg: CheckpointConfig, *, settings: dict[str, Any], fingerprint: str, cpu_threads_setting: int | None,
-        group: ProcessGroup, progress: TrainProgress, shape: RunShape, parameters: list[torch.Tensor],
+        self,
+        cfg: CheckpointConfig,
+        *,
+        settings: dict[str, Any],
+        fingerprint: str,
+        cpu_threads_setting: int | None,
+        group: ProcessGroup,
+        progress: TrainProgress,
+        shape: RunShape,
+        parameters: list[torch.Tensor],
         optimizer_probe: dict | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`settings`: this run's flat settings, as its checkpoints store them under `config`;
         `group`: the ranks this process trains with (rank 0 writes, every rank loads); `shape`: how
         the run counts steps and schedules; `parameters`: the optimizer's, in its order;
@@ -51,7 +59,7 @@ class CheckpointManager:
         self.progress = progress
         self.settings = settings
         self.fingerprint = fingerprint
-        self._schema_inputs = {"parameters": parameters, "optimizer_probe": optimizer_probe, "shape": shape}
+        self._parameters, self._optimizer_probe, self._shape = parameters, optimizer_probe, shape  # for the schema
         self.registry = StateRegistry()
         self.store = CheckpointStore(Path(cfg.dir), cfg.keep_last)
         self.logged = LoggedStep(self.store.directory)
@@ -59,9 +67,13 @@ class CheckpointManager:
         writer = group.writer(self.store) if cfg.async_save else None
         self.saver = Saver(cfg, group.store(self.store), writer, self.state_dict, progress, self.logged)
         self.resumer = Resumer(
-            self.store, self.logged, settings=settings, fingerprint=fingerprint,
-            cpu_threads_setting=cpu_threads_setting, world_size=group.world_size,
-        )  # fmt: skip
+            self.store,
+            self.logged,
+            settings=settings,
+            fingerprint=fingerprint,
+            cpu_threads_setting=cpu_threads_setting,
+            world_size=group.world_size,
+        )
 
     def register(self, key: str, part: Stateful | None, *, per_rank: bool = False) -> None:
         """A resumable piece under its checkpoint key (None: this run has none, saved as None);
@@ -75,7 +87,9 @@ class CheckpointManager:
         return {
             "format_version": FORMAT_VERSION,
             "kind": kind,
-            **self.progress.state_dict(self.group.sum_over_ranks),  # epoch, step_in_epoch, global_step, metrics, history
+            **self.progress.state_dict(
+                self.group.sum_over_ranks
+            ),  # epoch, step_in_epoch, global_step, metrics, history
             **self.group.gather_rank_keyed(self.registry.state_dict()),
             "config": self.settings,
             "fingerprint": self.fingerprint,
@@ -94,7 +108,11 @@ class CheckpointManager:
         every rank loads it); the kind resumed from, None on a fresh start."""
         # On every rank: the template is this run's own state, and taking it gathers the ranks' state.
         schema = CheckpointSchema(
-            template=self.state_dict("periodic"), validators=self.registry.validators(), **self._schema_inputs
+            template=self.state_dict("periodic"),
+            validators=self.registry.validators(),
+            parameters=self._parameters,
+            optimizer_probe=self._optimizer_probe,
+            shape=self._shape,
         )
         position = self.progress.position
         if self.group.resume(lambda load: self.resumer.resume(schema, load, position), self.load_state_dict):
@@ -138,7 +156,9 @@ class CheckpointManager:
         """A durable checkpoint of this step, unless the newest one holds it already."""
         if self.up_to_date:
             self.saver.drain()
-            events.CHECKPOINT_SKIPPED.emit(reason="no step trained since the newest checkpoint", **self.progress.position())
+            events.CHECKPOINT_SKIPPED.emit(
+                reason="no step trained since the newest checkpoint", **self.progress.position()
+            )
         else:
             self.save(kind, wait=True)
 

@@ -8,7 +8,7 @@ from here. Adding a piece of state is one `register` call; forgetting one is vis
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 
 class Stateful(Protocol):
@@ -39,11 +39,7 @@ class StateRegistry:
 
     def validators(self) -> dict[str, Callable[[Any, dict], None]]:
         """The check of each piece that checks its own format, by key."""
-        return {
-            key: lambda value, checkpoint, part=part, key=key: part.check_state(value, checkpoint, key)
-            for key, part in self._parts.items()
-            if callable(getattr(part, "check_state", None))
-        }
+        return {key: _check_under(key, part) for key, part in self._parts.items() if _checks_itself(part)}
 
     def state_dict(self) -> dict[str, Any]:
         return {key: part.state_dict() if part is not None else None for key, part in self._parts.items()}
@@ -52,3 +48,12 @@ class StateRegistry:
         for key, part in self._parts.items():
             if part is not None:
                 part.load_state_dict(state[key])
+
+
+def _checks_itself(part: Stateful | None) -> TypeGuard[SelfChecking]:
+    return callable(getattr(part, "check_state", None))
+
+
+def _check_under(key: str, part: SelfChecking) -> Callable[[Any, dict], None]:
+    """`part`'s check of its value in a checkpoint, reported under `key`."""
+    return lambda value, checkpoint: part.check_state(value, checkpoint, key)

@@ -19,9 +19,15 @@ from daemon.errors import IncompatibleCheckpoint
 
 class Resumer:
     def __init__(
-        self, store: CheckpointStore, logged: LoggedStep, *, settings: dict, fingerprint: str,
-        cpu_threads_setting: int | None, world_size: int,
-    ) -> None:  # fmt: skip
+        self,
+        store: CheckpointStore,
+        logged: LoggedStep,
+        *,
+        settings: dict,
+        fingerprint: str,
+        cpu_threads_setting: int | None,
+        world_size: int,
+    ) -> None:
         """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
         self.resumed: Entry | None = None  # once resume() found one
         self.steps_redone: int | None = None  # None: not known (no step was logged, or a fresh start)
@@ -32,7 +38,9 @@ class Resumer:
         self.cpu_threads_setting = cpu_threads_setting
         self.world_size = world_size
 
-    def resume(self, schema: CheckpointSchema, load: Callable[[dict], None], position: Callable[[], dict]) -> Entry | None:
+    def resume(
+        self, schema: CheckpointSchema, load: Callable[[dict], None], position: Callable[[], dict]
+    ) -> Entry | None:
         """Load the newest usable checkpoint with `load`; None when there is none (a fresh start)."""
         removed = self.store.remove_temp_files()
         if removed:
@@ -43,7 +51,7 @@ class Resumer:
             # this run cannot load is set aside like a corrupt one. Both before anything is loaded.
             self._check_compatible(entry)
             self._check_world_size(entry)
-            schema.check(entry.state)
+            schema.check(entry.valid_state)
 
         entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
         if entry is None:
@@ -51,7 +59,7 @@ class Resumer:
             return None
         self._report_config_changes(entry)
         self._keep_thread_count(entry)
-        load(entry.state)
+        load(entry.valid_state)
         logged = self.logged.read()
         # At least the steps logged past the checkpoint; none when a background save finished
         # after the last line the dead run logged.
@@ -62,11 +70,12 @@ class Resumer:
         return entry
 
     def _report_invalid(self, entry: Entry, aside: Path | None) -> None:
-        events.CHECKPOINT_INVALID.emit(path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
+        events.CHECKPOINT_INVALID.emit(
+            path=str(entry.path), reason=entry.reason, moved_to=str(aside) if aside else None
         )
 
     def _config_changes(self, entry: Entry) -> dict[str, tuple]:
-        stored, current = entry.state["config"], self.settings
+        stored, current = entry.valid_state["config"], self.settings
         return {
             key: (stored.get(key), current.get(key))
             for key in sorted(stored.keys() | current.keys())
@@ -76,7 +85,7 @@ class Resumer:
     def _check_compatible(self, entry: Entry) -> None:
         changed = self._config_changes(entry)
         breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
-        if breaking or entry.state["fingerprint"] != self.fingerprint:
+        if breaking or entry.valid_state["fingerprint"] != self.fingerprint:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
             raise IncompatibleCheckpoint(
                 f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
@@ -86,7 +95,7 @@ class Resumer:
     def _check_world_size(self, entry: Entry) -> None:
         """A run keeps its world size: each rank's RNGs are saved for its rank, and a batch split over
         another count of ranks sums its gradients in another order."""
-        trained_with = entry.state.get("world_size", 1)
+        trained_with = entry.valid_state.get("world_size", 1)
         if type(trained_with) is not int or trained_with < 1:  # not a count: the file, not the config, is wrong
             raise InvalidCheckpoint(f"world_size: {reprlib.repr(trained_with)} is not a number of ranks")
         if trained_with != self.world_size:
@@ -99,12 +108,13 @@ class Resumer:
     def _report_config_changes(self, entry: Entry) -> None:
         changed = self._config_changes(entry)
         if changed:
-            events.CONFIG_CHANGED.emit(changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
+            events.CONFIG_CHANGED.emit(
+                changes={key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}
             )
 
     def _keep_thread_count(self, entry: Entry) -> None:
         """A run keeps its intra-op thread count: sums split over another count round differently."""
-        trained_with, now = entry.state.get("cpu_threads"), torch.get_num_threads()
+        trained_with, now = entry.valid_state.get("cpu_threads"), torch.get_num_threads()
         if trained_with is None or trained_with == now:
             return
         if self.cpu_threads_setting is not None:

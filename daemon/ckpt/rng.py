@@ -5,7 +5,7 @@ checkpoint loads with weights_only=True."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ class RNGState:
 
     @staticmethod
     def state_dict() -> dict:
-        _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        # The legacy tuple, numpy's default form (its stub gives the call the dict form's type).
+        np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+        _, np_keys, np_pos, np_has_gauss, np_cached = np_state
         py_version, py_state, py_gauss = random.getstate()
         return {
             "version": RNGState.VERSION,
@@ -42,7 +44,11 @@ class RNGState:
                 "has_gauss": int(np_has_gauss),
                 "cached_gaussian": float(np_cached),
             },
-            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+            "python": {
+                "version": py_version,
+                "state": torch.tensor(py_state, dtype=torch.int64),
+                "gauss_next": py_gauss,
+            },
         }
 
     def check_state(self, rng: Any, _checkpoint: dict, where: str = "rng") -> None:
@@ -54,7 +60,11 @@ class RNGState:
             "python": {**live["python"], "gauss_next": Rule(_none_or_finite)},
         }
         conform(rng, template, where)
-        require(rng["version"] == live["version"], f"{where}.version", f"{rng['version']}, this trainer writes {live['version']}")
+        require(
+            rng["version"] == live["version"],
+            f"{where}.version",
+            f"{rng['version']}, this trainer writes {live['version']}",
+        )
         try:  # torch's generator checks its own state; on a scratch one, the run's is untouched
             torch.Generator().set_state(rng["torch"])
         except RuntimeError as exc:
@@ -64,7 +74,11 @@ class RNGState:
         require(numpy["has_gauss"] in (0, 1), f"{where}.numpy.has_gauss", f"{numpy['has_gauss']}, must be 0 or 1")
         require(_words(numpy["keys"]), f"{where}.numpy.keys", "are not 32-bit words")
         python = rng["python"]["state"]
-        require(_words(python[:-1]) and 0 <= int(python[-1]) <= MT_WORDS, f"{where}.python.state", "is not a Mersenne Twister state")
+        require(
+            _words(python[:-1]) and 0 <= int(python[-1]) <= MT_WORDS,
+            f"{where}.python.state",
+            "is not a Mersenne Twister state",
+        )
 
     @staticmethod
     def load_state_dict(state: dict) -> None:

@@ -19,9 +19,14 @@ if TYPE_CHECKING:
 
 class Saver:
     def __init__(
-        self, cfg: CheckpointConfig, store: CheckpointStore | RankZeroStore, writer: BackgroundWriter | NoWriter | None,
-        state: Callable[[str], dict], progress: TrainProgress, logged: LoggedStep,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: CheckpointConfig,
+        store: CheckpointStore | RankZeroStore,
+        writer: BackgroundWriter | NoWriter | None,
+        state: Callable[[str], dict],
+        progress: TrainProgress,
+        logged: LoggedStep,
+    ) -> None:
         """`state(kind)`: the run's checkpoint content now; `writer`: writes periodic saves in the
         background (None: every save is written before the loop goes on)."""
         self.cfg = cfg
@@ -91,7 +96,8 @@ class Saver:
         for result in results:
             self.last_save_ms = result.duration_ms
             self.logged.mark(max(result.global_step, self.progress.global_step))
-            events.CHECKPOINT_SAVED.emit(kind=result.kind,
+            events.CHECKPOINT_SAVED.emit(
+                kind=result.kind,
                 path=str(result.path),
                 bytes=result.bytes,
                 duration_ms=round(result.duration_ms, 2),

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,16 +53,24 @@ def check_format(state: Any, path: Path) -> None:
     if not (is_exactly(state["format_version"], int) and state["format_version"] == FORMAT_VERSION):
         raise InvalidCheckpoint(f"format version {shown(state['format_version'])}, this trainer reads {FORMAT_VERSION}")
     require(is_exactly(state["kind"], str) and state["kind"] in KINDS, "kind", f"unknown kind {shown(state['kind'])}")
-    require(is_exactly(state["global_step"], int) and state["global_step"] >= 0, "global_step", "must be an integer >= 0")
+    require(
+        is_exactly(state["global_step"], int) and state["global_step"] >= 0, "global_step", "must be an integer >= 0"
+    )
     config = state["config"]
-    require(isinstance(config, dict) and all(is_exactly(k, str) and _plain(v) for k, v in config.items()), "config",
-             "must map setting names to plain values")  # fmt: skip
+    require(
+        isinstance(config, dict) and all(is_exactly(k, str) and _plain(v) for k, v in config.items()),
+        "config",
+        "must map setting names to plain values",
+    )
     require(isinstance(state["fingerprint"], str), "fingerprint", "must be a string")
     name = CHECKPOINT_NAME.match(path.name)
     if name:  # retention and resume order files by name: it must say what the file holds
         stored_as = (int(name["step"]), name["kind"])
-        require(stored_as == (state["global_step"], state["kind"]), "global_step, kind",
-                 f"{(state['global_step'], state['kind'])} in the file, {stored_as} in its name")  # fmt: skip
+        require(
+            stored_as == (state["global_step"], state["kind"]),
+            "global_step, kind",
+            f"{(state['global_step'], state['kind'])} in the file, {stored_as} in its name",
+        )
 
 
 def _plain(value: Any) -> bool:
@@ -110,9 +119,13 @@ def conform(value: Any, template: Any, where: str) -> None:
         for key, expected in template.items():
             conform(value[key], expected, f"{where}.{key}")
     elif isinstance(template, (list, tuple)):
-        require(is_exactly(value, type(template)), where, f"a {type(template).__name__} expected, found {type(value).__name__}")
+        require(
+            is_exactly(value, type(template)),
+            where,
+            f"a {type(template).__name__} expected, found {type(value).__name__}",
+        )
         require(len(value) == len(template), where, f"{len(value)} entries, expected {len(template)}")
-        for index, (item, expected) in enumerate(zip(value, template)):
+        for index, (item, expected) in enumerate(zip(value, template, strict=True)):
             conform(item, expected, f"{where}[{index}]")
     else:
         require(is_exactly(value, type(template)), where, f"{type(template).__name__} expected, found {shown(value)}")
@@ -154,9 +167,14 @@ class CheckpointSchema:
     """What a checkpoint must hold for this run to load it and resume exactly."""
 
     def __init__(
-        self, *, template: dict, validators: dict[str, Callable[[Any, dict], None]], parameters: list[torch.Tensor],
-        optimizer_probe: dict | None, shape: RunShape,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        template: dict,
+        validators: dict[str, Callable[[Any, dict], None]],
+        parameters: list[torch.Tensor],
+        optimizer_probe: dict | None,
+        shape: RunShape,
+    ) -> None:
         """`template`: what this run writes (the live registry's state and the progress), the
         structure a checkpoint must have; `validators`: the registered pieces that check their own
         state, by key, each called with its value and the whole checkpoint; `parameters`: the optimizer's, in the order its state dict
@@ -171,9 +189,13 @@ class CheckpointSchema:
             **validators,
         }
         for key, counts in shape.schedules.items():
-            self.checks[key] = lambda value, state, key=key, counts=counts: self._check_schedule(
-                key, value, state["epoch"] if counts == "epoch" else state["global_step"]
-            )
+            self.checks[key] = self._schedule_check(key, counts)
+
+    def _schedule_check(self, key: str, counts: str) -> Callable[[Any, dict], None]:
+        """The check of LR schedule `key`, at the position's count of epochs or steps (what it `counts`)."""
+        return lambda value, state: self._check_schedule(
+            key, value, state["epoch"] if counts == "epoch" else state["global_step"]
+        )
 
     def check(self, state: dict) -> None:
         """Raise InvalidCheckpoint unless `state` (which passed `check_format`) fits this run."""
@@ -184,12 +206,14 @@ class CheckpointSchema:
         self._check_progress(state)
         for key in self.live.keys() - REQUIRED_KEYS:
             if key in state:
-                self.checks.get(key, lambda value, _state, key=key: conform(value, self.live[key], key))(state[key], state)
+                self.checks.get(key, lambda value, _state, key=key: conform(value, self.live[key], key))(
+                    state[key], state
+                )
 
     def _check_progress(self, state: dict) -> None:
         for key in ("epoch", "step_in_epoch", "global_step"):
             conform(state[key], self.live[key], key)
-        metrics_template = {"loss_sum": 0.0, "samples": 0}
+        metrics_template: dict[str, Any] = {"loss_sum": 0.0, "samples": 0}
         if isinstance(state["metrics"], dict) and "sums" in state["metrics"]:
             metrics_template["sums"] = Rule(_names_to_finite)
         conform(state["metrics"], metrics_template, "metrics")
@@ -197,14 +221,19 @@ class CheckpointSchema:
         require(epoch >= 0, "epoch", f"{epoch} is negative")
         require(0 <= step <= per_epoch, "step_in_epoch", f"{step} is outside this run's 0..{per_epoch} steps per epoch")
         position = epoch * per_epoch + step
-        require(state["global_step"] == position, "global_step",
-                 f"{state['global_step']}, but epoch {epoch} step {step} is step {position} at {per_epoch} steps per epoch")  # fmt: skip
+        require(
+            state["global_step"] == position,
+            "global_step",
+            f"{state['global_step']}, but epoch {epoch} step {step} is step {position} at {per_epoch} steps per epoch",
+        )
         samples = state["metrics"]["samples"]
         expected = min(step * self.shape.samples_per_step, self.live["data"]["num_samples"])
         require(samples == expected, "metrics.samples", f"{samples}, but {step} steps train {expected} samples")
         require(state["metrics"]["loss_sum"] >= 0, "metrics.loss_sum", "is negative")
         history = state["history"]
-        require(is_exactly(history, list) and len(history) == epoch, "history", f"must list the {epoch} completed epochs")
+        require(
+            is_exactly(history, list) and len(history) == epoch, "history", f"must list the {epoch} completed epochs"
+        )
         for index, entry in enumerate(history):
             where = f"history[{index}]"
             conform(entry, {"epoch": 1, "train_loss": 0.0, **_metrics_of(entry)}, where)
@@ -219,13 +248,16 @@ class CheckpointSchema:
         per_parameter = probe["state"].get(0, {}) if probe else {}
         states = Rule(lambda value, where: self._check_parameter_states(value, where, per_parameter, trained))
         conform(optimizer, {"state": states, "param_groups": live_groups}, "optimizer")
-        for index, (group, live_group) in enumerate(zip(optimizer["param_groups"], live_groups)):
+        for index, (group, live_group) in enumerate(zip(optimizer["param_groups"], live_groups, strict=True)):
             # Every setting as the probe's (the learning rate moves with the schedules: only its
             # type is checked); the parameters as the run's.
             settings = {key: value for key, value in probe["param_groups"][0].items() if key != "lr"} if probe else {}
             for key, expected in {**settings, "params": live_group["params"]}.items():
-                require(group[key] == expected, f"optimizer.param_groups[{index}].{key}",
-                         f"{shown(group[key])}, this run's optimizer has {shown(expected)}")  # fmt: skip
+                require(
+                    group[key] == expected,
+                    f"optimizer.param_groups[{index}].{key}",
+                    f"{shown(group[key])}, this run's optimizer has {shown(expected)}",
+                )
 
     def _check_parameter_states(self, states: Any, where: str, per_parameter: dict, trained: bool) -> None:
         require(isinstance(states, dict), where, f"a mapping expected, found {type(states).__name__}")
@@ -253,8 +285,11 @@ class CheckpointSchema:
         conform(schedule, live, key)
         for name, expected in live.items():
             if name not in SCHEDULER_PROGRESS:
-                require(schedule[name] == expected, f"{key}.{name}", f"{shown(schedule[name])}, expected {shown(expected)}")
+                require(
+                    schedule[name] == expected, f"{key}.{name}", f"{shown(schedule[name])}, expected {shown(expected)}"
+                )
         require(schedule["last_epoch"] == count, f"{key}.last_epoch", f"{schedule['last_epoch']}, expected {count}")
+
 
 def _metrics_of(entry: Any) -> dict:
     """The template of a history entry's metrics (a task's evaluation and step metrics): each a finite number."""

@@ -17,9 +17,10 @@ import os
 import stat
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -56,6 +57,12 @@ class Entry:
     def valid(self) -> bool:
         return self.state is not None
 
+    @property
+    def valid_state(self) -> dict:
+        """`state` of an entry read as valid (as `validate` sees it and `newest_valid` returns it)."""
+        assert self.state is not None, f"{self.path} is not a valid checkpoint: {self.reason}"
+        return self.state
+
 
 def read_checkpoint(path: Path) -> dict:
     """Verify every record's checksum, then load with weights_only=True; raise InvalidCheckpoint."""
@@ -71,7 +78,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, a file that does not load is not a checkpoint
-        raise InvalidCheckpoint(f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise InvalidCheckpoint(
+            f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     check_format(state, path)
     return state
 
@@ -109,7 +118,9 @@ class CheckpointStore:
             io_error = _os_error_in_chain(exc)
             if io_error is None:
                 raise
-            raise self._write_error(f"cannot write checkpoint {path}", io_error, " (the previous checkpoints are intact)") from None
+            raise self._write_error(
+                f"cannot write checkpoint {path}", io_error, " (the previous checkpoints are intact)"
+            ) from None
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 
     def _listed(self) -> list[Entry]:
@@ -175,12 +186,16 @@ class CheckpointStore:
             try:
                 os.replace(entry.path, aside)
             except OSError as exc:
-                raise self._write_error(f"cannot set aside invalid checkpoint {entry.path} ({entry.reason})", exc) from None
+                raise self._write_error(
+                    f"cannot set aside invalid checkpoint {entry.path} ({entry.reason})", exc
+                ) from None
             on_invalid(entry, aside)
         return None
 
     def _write_error(self, what: str, exc: OSError, note: str = "") -> CheckpointWriteError:
-        return CheckpointWriteError(f"{what}: {exc.strerror or exc}; free space or fix permissions in {self.directory}{note}")
+        return CheckpointWriteError(
+            f"{what}: {exc.strerror or exc}; free space or fix permissions in {self.directory}{note}"
+        )
 
     def remove_temp_files(self) -> list[Path]:
         """Temporary files left by a process killed mid-write; they were never checkpoints."""
@@ -203,9 +218,10 @@ def snapshot(state: Any, reuse: Any = None) -> Any:
     """
     if isinstance(state, torch.Tensor):
         source = state.detach()
-        if (
-            isinstance(reuse, torch.Tensor)
-            and (reuse.shape, reuse.dtype, reuse.stride()) == (source.shape, source.dtype, source.stride())
+        if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype, reuse.stride()) == (
+            source.shape,
+            source.dtype,
+            source.stride(),
         ):
             return reuse.copy_(source)
         return source.to("cpu", copy=True)
@@ -213,8 +229,10 @@ def snapshot(state: Any, reuse: Any = None) -> Any:
         previous = reuse if isinstance(reuse, dict) else {}
         return {key: snapshot(value, previous.get(key)) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        previous = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else (None,) * len(state)
-        return type(state)(snapshot(value, old) for value, old in zip(state, previous))
+        previous_items = (
+            reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else (None,) * len(state)
+        )
+        return type(state)(snapshot(value, old) for value, old in zip(state, previous_items, strict=True))
     return state
 
 

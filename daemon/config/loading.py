@@ -104,7 +104,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must not be null")
         (inner,) = [o for o in options if o is not type(None)]
         return _convert(inner, value, key)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, key + ".")
     if origin is dict:  # task.options: any YAML mapping with names as keys
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):

@@ -35,8 +35,11 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         target, sep, name = self.entry.rpartition(":")
-        _require(bool(sep and target and name.isidentifier()), "task.entry",
-                 f"{self.entry!r} must be 'package.module:callable' or 'path/to/file.py:callable'")  # fmt: skip
+        _require(
+            bool(sep and target and name.isidentifier()),
+            "task.entry",
+            f"{self.entry!r} must be 'package.module:callable' or 'path/to/file.py:callable'",
+        )
 
 
 @dataclass(kw_only=True)
@@ -61,7 +64,11 @@ class ModelConfig:
     dropout: float = 0.0  # dropout after each hidden layer
 
     def __post_init__(self) -> None:
-        _require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "model.hidden", "must be a non-empty list of positive integers")
+        _require(
+            len(self.hidden) > 0 and all(h > 0 for h in self.hidden),
+            "model.hidden",
+            "must be a non-empty list of positive integers",
+        )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
 
@@ -112,16 +119,23 @@ class TrainConfig:
     # torch.use_deterministic_algorithms: an op without a deterministic kernel stops the run (exit 78)
     # instead of making it silently inexact. false: such ops run, and resume is no longer bitwise.
     deterministic: bool = True
-    cpu_threads: int | None = None  # intra-op threads; null: the CPUs this process may use (docs/exactness.md, "Threads")
-    cpu_wait: str = "auto"  # how OpenMP threads wait at a barrier: "auto" (follows the machine), "bounded", "active", "passive"
+    cpu_threads: int | None = (
+        None  # intra-op threads; null: the CPUs this process may use (docs/exactness.md, "Threads")
+    )
+    cpu_wait: str = (
+        "auto"  # how OpenMP threads wait at a barrier: "auto" (follows the machine), "bounded", "active", "passive"
+    )
     grad_accum_steps: int = 1  # batches of batch_size whose gradients make one optimizer step
     precision: str = "fp32"  # "bf16": autocast to bfloat16 (CPU, CUDA); "fp16": float16 with loss scaling (CUDA)
 
     def __post_init__(self) -> None:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
         _require(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
-        _require(self.precision != "fp16" or self.device != "cpu", "train.precision",
-                 "fp16 needs CUDA (its loss scaling is CUDA's); use bf16 on the CPU")  # fmt: skip
+        _require(
+            self.precision != "fp16" or self.device != "cpu",
+            "train.precision",
+            "fp16 needs CUDA (its loss scaling is CUDA's); use bf16 on the CPU",
+        )
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
@@ -148,7 +162,11 @@ class CheckpointConfig:
         _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         # Found now, not at the first save after an epoch of training.
-        _require(Path(self.dir).is_dir() or not Path(self.dir).exists(), "checkpoint.dir", f"{self.dir} exists and is not a directory")
+        _require(
+            Path(self.dir).is_dir() or not Path(self.dir).exists(),
+            "checkpoint.dir",
+            f"{self.dir} exists and is not a directory",
+        )
 
 
 @dataclass(kw_only=True)
@@ -159,7 +177,9 @@ class LogConfig:
     metrics_every_steps: int = 50  # the training loss goes to the metrics history every N steps (0: off)
 
     def __post_init__(self) -> None:
-        _require(self.level in ("debug", "info", "warning", "error"), "log.level", "must be debug, info, warning or error")
+        _require(
+            self.level in ("debug", "info", "warning", "error"), "log.level", "must be debug, info, warning or error"
+        )
         _require(self.format in ("auto", "json", "console"), "log.format", "must be auto, json or console")
         _require(self.progress_every_seconds > 0, "log.progress_every_seconds", "must be > 0")
         _require(self.metrics_every_steps >= 0, "log.metrics_every_steps", "must be >= 0")
@@ -186,8 +206,11 @@ class DistConfig:
         _require(self.backend in BACKENDS, "dist.backend", f"must be one of {', '.join(BACKENDS)}")
         _require(self.timeout_seconds > 0, "dist.timeout_seconds", "must be > 0")
         host, sep, port = self.rdzv_endpoint.rpartition(":")
-        _require(bool(sep and host) and port.isdigit() and 0 < int(port) < 65536, "dist.rdzv_endpoint",
-                 f"{self.rdzv_endpoint!r} must be host:port")  # fmt: skip
+        _require(
+            bool(sep and host) and port.isdigit() and 0 < int(port) < 65536,
+            "dist.rdzv_endpoint",
+            f"{self.rdzv_endpoint!r} must be host:port",
+        )
 
     @property
     def launches(self) -> bool:
@@ -206,9 +229,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Config:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         """Read `path`, apply `section.key=value` overrides (values parsed as YAML), validate."""
         path = Path(path)
         raw = read_tree(path, overrides)
@@ -225,10 +247,16 @@ class Config:
         if self.task.entry == BUILTIN_TASK:
             return
         defaults = Config().flat()
-        builtin_only = [key for key in ("model.hidden", "model.dropout", "data.train_subset", "data.test_subset")
-                        if self.flat()[key] != defaults[key]]  # fmt: skip
-        _require(not builtin_only, builtin_only[0] if builtin_only else "", f"configures the built-in MNIST MLP, "
-                 f"not {self.task.entry}; give that task its settings under task.options")  # fmt: skip
+        builtin_only = [
+            key
+            for key in ("model.hidden", "model.dropout", "data.train_subset", "data.test_subset")
+            if self.flat()[key] != defaults[key]
+        ]
+        _require(
+            not builtin_only,
+            builtin_only[0] if builtin_only else "",
+            f"configures the built-in MNIST MLP, not {self.task.entry}; give that task its settings under task.options",
+        )
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its dotted key, e.g. {"train.batch_size": 100, ...}."""

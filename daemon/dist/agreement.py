@@ -25,8 +25,9 @@ class Requests:
     periodic: bool = False  # checkpoint.every_seconds has passed (by some rank's clock)
 
     def __or__(self, other: Requests) -> Requests:
-        return Requests(stop=self.stop or other.stop, save=self.save or other.save, periodic=self.periodic or other.periodic)
-
+        return Requests(
+            stop=self.stop or other.stop, save=self.save or other.save, periodic=self.periodic or other.periodic
+        )
 
 
 class Agreement:
@@ -43,7 +44,7 @@ class Agreement:
     settling pass's) lose nothing.
     """
 
-    def __init__(self, group, local: Callable[[], Requests]) -> None:
+    def __init__(self, group: dist.ProcessGroup, local: Callable[[], Requests]) -> None:
         self.group = group  # for the synchronous checks between epochs
         self._local = local  # this rank's pending requests, read as a backward begins
         self.flags: nn.Parameter | None = None  # on the model's device, once `replicate` placed them
@@ -75,12 +76,14 @@ class Agreement:
     def local_flags(self) -> torch.Tensor:
         started = time.perf_counter()
         local = self._local()
+        assert self.flags is not None  # `replicate` placed them as the run was assembled
         flags = torch.tensor((local.stop, local.save, local.periodic), dtype=self.flags.dtype, device=self.flags.device)
         self.hand_s += time.perf_counter() - started
         return flags
 
     def _read(self) -> Requests:
         """What the backwards since the last read (every step has one) brought back from every rank."""
+        assert self.flags is not None  # `replicate` placed them as the run was assembled
         reduced, self.flags.grad = self.flags.grad, None
         if reduced is None:  # none since the stop check between epochs read them
             return Requests()
@@ -115,8 +118,13 @@ class Agreement:
         read_ms = self.read_s / max(self.boundaries, 1) * 1e3
         step_ms = self.steps_s / max(self.steps, 1) * 1e3
         share = 100 * (hand_ms + read_ms) / step_ms if self.steps else 0.0  # of a step, boundary to boundary
-        return {"boundaries": self.boundaries, "hand_ms_mean": round(hand_ms, 4), "read_ms_mean": round(read_ms, 4),
-                "step_ms_mean": round(step_ms, 3), "share_of_step_percent": round(share, 2)}  # fmt: skip
+        return {
+            "boundaries": self.boundaries,
+            "hand_ms_mean": round(hand_ms, 4),
+            "read_ms_mean": round(read_ms, 4),
+            "step_ms_mean": round(step_ms, 3),
+            "share_of_step_percent": round(share, 2),
+        }
 
 
 class _HandFlags(torch.autograd.Function):

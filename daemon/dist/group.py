@@ -19,11 +19,11 @@ from torch import nn
 
 from daemon import events
 from daemon.ckpt.registry import Stateful
+from daemon.ckpt.rng import RNGState
 from daemon.ckpt.store import BackgroundWriter, CheckpointStore
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import Agreement, Requests
 from daemon.dist.rank_state import RANK_KEY, NoWriter, OwnState, RankKeyed, RankZeroStore, pickled, unpickled
-from daemon.ckpt.rng import RNGState
 from daemon.errors import TrainerError
 
 
@@ -136,9 +136,14 @@ class Ranks:
     is_writer: bool
 
     def __init__(
-        self, cfg: DistConfig, rank: int, world_size: int, local_rank: int, device: torch.device,
+        self,
+        cfg: DistConfig,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        device: torch.device,
         local: Callable[[], Requests],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.is_writer = rank == 0
         structlog.contextvars.bind_contextvars(rank=rank)  # every event says which rank logged it
@@ -148,7 +153,10 @@ class Ranks:
         # The stop checks between epochs, gathers and broadcasts of the daemon's own run over gloo,
         # in a group of their own: they never wait behind gradient buckets, and stay on the CPU
         # under NCCL.
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        # Every rank is a member of the new group (it has them all), and WORLD is set once initialised.
+        assert isinstance(group, dist.ProcessGroup)
+        self.group: dist.ProcessGroup = group
         self.agreement = Agreement(self.group, local)
 
     def place(self, device: torch.device) -> torch.device:
@@ -197,7 +205,13 @@ class Ranks:
         own = {key: value.value for key, value in state.items() if isinstance(value, OwnState)}
         gathered = self.gather(own) or [own]
         ranks = range(self.world_size) if self.is_writer else [self.rank]
-        return {**state, **{key: {RANK_KEY.format(rank): values[key] for rank, values in zip(ranks, gathered)} for key in own}}
+        return {
+            **state,
+            **{
+                key: {RANK_KEY.format(rank): values[key] for rank, values in zip(ranks, gathered, strict=True)}
+                for key in own
+            },
+        }
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         summed = values.cpu()  # the daemon's own group is gloo's, on the CPU
@@ -213,9 +227,9 @@ class Ranks:
         padded = torch.cat([data, data.new_zeros(longest - len(data))])
         received = [torch.empty(longest, dtype=torch.uint8) for _ in sizes] if self.is_writer else None
         dist.gather(padded, received, dst=0, group=self.group)
-        if not self.is_writer:
+        if received is None:  # not rank 0
             return None
-        return [unpickled(buffer[: int(size)]) for buffer, size in zip(received, sizes)]
+        return [unpickled(buffer[: int(size)]) for buffer, size in zip(received, sizes, strict=True)]
 
     def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
         """Rank 0 finds, checks and loads the newest usable checkpoint (`resume(load)`); the others
@@ -223,8 +237,13 @@ class Ranks:
         loaded: list[dict] = []
         outcome: Any = None
         if self.is_writer:
+
+            def load_and_keep(state: dict) -> None:
+                load(state)
+                loaded.append(state)
+
             try:
-                resume(lambda state: (load(state), loaded.append(state)))
+                resume(load_and_keep)
                 outcome = loaded[0] if loaded else None
             except TrainerError as exc:  # the same error, and exit code, on every rank
                 outcome = exc

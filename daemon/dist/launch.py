@@ -29,15 +29,21 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from daemon import events
-from daemon.service import logs
 from daemon.config.sections import DistConfig
 from daemon.errors import ExitCode
-from daemon.service.signals import SignalRecorder
 from daemon.service.notify import Notifier
+from daemon.service.signals import SignalRecorder
 
 # Exits that say what happened on purpose: another attempt would end the same way (or, for a stop,
 # must not train on). In the order in which they name the cause when ranks disagree.
-FINAL_EXITS = (ExitCode.CONFIG, ExitCode.CANT_WRITE, ExitCode.IN_USE, ExitCode.NO_INPUT, ExitCode.CRASH_LOOP, ExitCode.STOPPED)
+FINAL_EXITS = (
+    ExitCode.CONFIG,
+    ExitCode.CANT_WRITE,
+    ExitCode.IN_USE,
+    ExitCode.NO_INPUT,
+    ExitCode.CRASH_LOOP,
+    ExitCode.STOPPED,
+)
 SUPERVISE_EVERY = 0.05  # seconds between the main thread's looks at the agent (a signal wakes it at once)
 RUN_ID = "trainer"  # the rendezvous of this config's nodes: the same on every node
 CREDENTIALS = struct.Struct("3i")  # struct ucred: the sender's pid, uid, gid
@@ -56,7 +62,9 @@ class _Agent(LocalElasticAgent):
         return RunResult(state=WorkerState.SUCCEEDED, return_values={rank: codes.get(rank, 0) for rank in ranks})
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
-        events.RANKS_RESTARTING.emit(remaining_restarts=self._remaining_restarts, max_restarts=worker_group.spec.max_restarts)
+        events.RANKS_RESTARTING.emit(
+            remaining_restarts=self._remaining_restarts, max_restarts=worker_group.spec.max_restarts
+        )
         super()._restart_workers(worker_group)
 
 
@@ -74,9 +82,13 @@ def build_agent(cfg: DistConfig, argv: list[str]) -> _Agent:
     # so that two runs on one machine never meet. Several: the configured endpoint, on every node.
     endpoint = cfg.rdzv_endpoint if cfg.nnodes > 1 else "127.0.0.1:0"
     rendezvous = RendezvousParameters(
-        backend="c10d", endpoint=endpoint, run_id=RUN_ID, min_nodes=cfg.nnodes, max_nodes=cfg.nnodes,
+        backend="c10d",
+        endpoint=endpoint,
+        run_id=RUN_ID,
+        min_nodes=cfg.nnodes,
+        max_nodes=cfg.nnodes,
         timeout=int(cfg.timeout_seconds),
-    )  # fmt: skip
+    )
     spec = WorkerSpec(
         role="trainer",
         local_world_size=cfg.nproc_per_node,

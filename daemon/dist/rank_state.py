@@ -111,8 +111,17 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-NUMPY_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
-                torch.float64, torch.bool}  # fmt: skip
+NUMPY_DTYPES = {
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.bool,
+}
 
 
 def pickled(value: Any) -> torch.Tensor:
@@ -122,4 +131,4 @@ def pickled(value: Any) -> torch.Tensor:
 
 
 def unpickled(data: torch.Tensor) -> Any:
-    return pickle.loads(memoryview(data.numpy()))
+    return pickle.loads(data.numpy().data)

@@ -17,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+Found = TypeVar("Found")
 Where = Callable[[dict], bool]
 START = object()  # `after=START`: search the whole output, not only what follows the previous match
 
@@ -40,7 +42,11 @@ def event_time(record: dict) -> float:
 
 def matches(record: dict, event: str | None, fields: Mapping[str, object], where: Where = lambda _: True) -> bool:
     """`record` is the event named `event` (any, if None) with these field values, and `where` accepts it."""
-    return (event is None or record.get("event") == event) and all(record.get(k) == v for k, v in fields.items()) and where(record)
+    return (
+        (event is None or record.get("event") == event)
+        and all(record.get(k) == v for k, v in fields.items())
+        and where(record)
+    )
 
 
 class TrainerChild:
@@ -70,7 +76,9 @@ class TrainerChild:
         threading.Thread(target=self._read, daemon=True).start()
 
     @classmethod
-    def cli(cls, command: str, *args: str, cwd: Path, env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()):
+    def cli(
+        cls, command: str, *args: str, cwd: Path, env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()
+    ):
         return cls([*wrapper, sys.executable, "-m", "daemon", command, *args], cwd, env)
 
     @property
@@ -78,6 +86,7 @@ class TrainerChild:
         return self.popen.pid
 
     def _read(self) -> None:
+        assert self.popen.stdout is not None  # started with stdout=PIPE
         for line in self.popen.stdout:
             record = parse_event(line)
             with self._changed:
@@ -92,18 +101,26 @@ class TrainerChild:
     # A `silence` limit, not a deadline: a run that goes on logging is making progress however slow
     # a loaded machine makes it, while one that says nothing for that long is stuck.
 
-    def _await(self, found: Callable[[], object], silence: float, waiting_for: str) -> object:
+    def _await(self, found: Callable[[], Found | None], silence: float, waiting_for: str) -> Found | None:
         """Block until `found()` is not None (returned) or the output ends (None)."""
         with self._changed:
             while (result := found()) is None and not self._ended:
                 seen = len(self.lines)
                 self._changed.wait(silence)
                 if len(self.lines) == seen and not self._ended:
-                    raise TimeoutError(f"silent for {silence} s while waiting for {waiting_for}; output:\n{self.output()}")
+                    raise TimeoutError(
+                        f"silent for {silence} s while waiting for {waiting_for}; output:\n{self.output()}"
+                    )
             return result
 
     def wait_for(
-        self, event: str, silence: float = 90, where: Where = lambda _: True, nth: int = 1, after: object = None, **fields
+        self,
+        event: str,
+        silence: float = 90,
+        where: Where = lambda _: True,
+        nth: int = 1,
+        after: object = None,
+        **fields,
     ) -> dict:
         """The `nth` event named `event` with these field values (and that `where` accepts) logged
         after the previous match of a wait_for (`after`: after that record instead; START: from the

@@ -32,15 +32,27 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
         command.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
             help="override a setting (value parsed as YAML); repeatable",
-        )  # fmt: skip
+        )
     commands.choices["status"].add_argument("--json", action="store_true", help="print JSON")
-    commands.choices["verify"].add_argument("--steps", type=int, default=200, help="the horizon in steps (default: %(default)s)")
+    commands.choices["verify"].add_argument(
+        "--steps", type=int, default=200, help="the horizon in steps (default: %(default)s)"
+    )
     commands.choices["verify"].add_argument("--json", action="store_true", help="print the report as JSON")
-    commands.choices["plot"].add_argument("--out", default="metrics.png", help="the PNG to write (default: %(default)s)")
-    commands.choices["plot"].add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
-                                          help="checkpoint directories to draw (default: the config's checkpoint.dir)")  # fmt: skip
+    commands.choices["plot"].add_argument(
+        "--out", default="metrics.png", help="the PNG to write (default: %(default)s)"
+    )
+    commands.choices["plot"].add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="checkpoint directories to draw (default: the config's checkpoint.dir)",
+    )
     return parser
 
 
@@ -77,7 +89,9 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
             return launch(cfg.dist, argv, signals, notifier)
         # The checkpoint directory is rank 0's (or the single process's) alone.
         writer = os.environ.get("RANK", "0") == "0"
-        with CrashLoopGuard(Path(cfg.checkpoint.dir)) if writer else contextlib.nullcontext():  # before torch: a crash importing it counts
+        with (
+            CrashLoopGuard(Path(cfg.checkpoint.dir)) if writer else contextlib.nullcontext()
+        ):  # before torch: a crash importing it counts
             import torch
 
             from daemon.train.assembly import assemble  # imports torch: after the signal handlers are in place
@@ -95,8 +109,11 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
     try:
         hand_over(outcome.handover, signals)  # on success, never returns
     except OSError as exc:
-        events.HANDOVER_FAILED.emit(message=f"could not start the process to hand over to: {exc}; the checkpoint "
-                  f"holds the position, a restart resumes it", exit_code=int(ExitCode.STOPPED))  # fmt: skip
+        events.HANDOVER_FAILED.emit(
+            message=f"could not start the process to hand over to: {exc}; the checkpoint "
+            f"holds the position, a restart resumes it",
+            exit_code=int(ExitCode.STOPPED),
+        )
         return ExitCode.STOPPED
     for event in signals.unreported_stops():
         events.SIGNAL_RECEIVED.emit(signal=event.name, during="handover")

@@ -41,23 +41,45 @@ def plot(run_dirs: list[Path], out: Path) -> int:
         train = [r for r in records if r["record"] == "train"]
         # Wider and fainter for the runs drawn first: a later run drawn over an equal one leaves it visible.
         width = 1.5 + 2.5 * (len(runs) - 1 - index)
-        loss_axes.plot([r["global_step"] for r in train], [r["loss"] for r in train], color=color, lw=width,
-                       alpha=0.8, label=label)  # fmt: skip
+        loss_axes.plot(
+            [r["global_step"] for r in train], [r["loss"] for r in train], color=color, lw=width, alpha=0.8, label=label
+        )
         for r in records:
             if r["record"] == "resume":
                 loss_axes.axvline(r["global_step"], color=color, ls="--", lw=1)
-                loss_axes.annotate(f"resumed ({r['kind']})", (r["global_step"], 1), xycoords=("data", "axes fraction"),
-                                   rotation=90, va="top", ha="right", fontsize=8, color=color)  # fmt: skip
+                loss_axes.annotate(
+                    f"resumed ({r['kind']})",
+                    (r["global_step"], 1),
+                    xycoords=("data", "axes fraction"),
+                    rotation=90,
+                    va="top",
+                    ha="right",
+                    fontsize=8,
+                    color=color,
+                )
             elif r["record"] == "checkpoint":
                 loss = next((t["loss"] for t in reversed(train) if t["global_step"] <= r["global_step"]), None)
                 if loss is not None:
-                    loss_axes.plot(r["global_step"], loss, MARKERS.get(r["kind"], "o"), color="black", ms=9,
-                                   label=f"{r['kind']} checkpoint ({label})")  # fmt: skip
+                    loss_axes.plot(
+                        r["global_step"],
+                        loss,
+                        MARKERS.get(r["kind"], "o"),
+                        color="black",
+                        ms=9,
+                        label=f"{r['kind']} checkpoint ({label})",
+                    )
         evals = [r for r in records if r["record"] == "eval"]
         for r in evals:
             headlines.add(r["headline"])
-        metric_axes.plot([r["epoch"] for r in evals], [r[r["headline"]] for r in evals], "o-", color=color, lw=width,
-                         alpha=0.8, label=label)  # fmt: skip
+        metric_axes.plot(
+            [r["epoch"] for r in evals],
+            [r[r["headline"]] for r in evals],
+            "o-",
+            color=color,
+            lw=width,
+            alpha=0.8,
+            label=label,
+        )
     loss_axes.set(xlabel="global step", ylabel="training loss (epoch mean so far)", title="Training loss")
     metric_axes.set(xlabel="epoch", ylabel=" / ".join(sorted(headlines)), title="Evaluation after each epoch")
     for axes in (loss_axes, metric_axes):

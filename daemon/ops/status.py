@@ -31,8 +31,10 @@ def report(cfg: Config) -> dict:
     records, _ = read_records(directory / HISTORY_FILE)
     state = resume.state if resume else None
     total = _total_steps(state, cfg) if state else None
-    complete = bool(state and (state["epoch"] >= cfg.train.epochs or (total is not None and state["global_step"] >= total)))
-    newest = max((mtime for entry, mtime in zip(entries, modified) if entry.valid), default=None)
+    complete = bool(
+        state and (state["epoch"] >= cfg.train.epochs or (total is not None and state["global_step"] >= total))
+    )
+    newest = max((mtime for entry, mtime in zip(entries, modified, strict=True) if entry.valid), default=None)
     return {
         "checkpoint_dir": cfg.checkpoint.dir,
         "run_in_progress": running is not None,
@@ -93,11 +95,18 @@ def _epochs(state: dict | None, records: list[dict]) -> list[dict]:
     seconds = {r["epoch"]: r.get("seconds") for r in records if r["record"] == "eval"}
     rows = []
     for entry in state["history"] if state else []:
-        headline = next((key for key in entry if key not in ("epoch", "train_loss") and not key.startswith("train_")), None)
-        rows.append({
-            "epoch": entry["epoch"], "train_loss": entry["train_loss"], "headline": headline,
-            "value": entry.get(headline), "seconds": seconds.get(entry["epoch"]),
-        })  # fmt: skip
+        headline = next(
+            (key for key in entry if key not in ("epoch", "train_loss") and not key.startswith("train_")), None
+        )
+        rows.append(
+            {
+                "epoch": entry["epoch"],
+                "train_loss": entry["train_loss"],
+                "headline": headline,
+                "value": entry.get(headline),
+                "seconds": seconds.get(entry["epoch"]),
+            }
+        )
     return rows
 
 

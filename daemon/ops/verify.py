@@ -62,7 +62,7 @@ def first_difference(actual, expected, where: str = "") -> str | None:
     if isinstance(expected, (list, tuple)):
         if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
             return where
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             found = first_difference(a, e, f"{where}[{i}]")
             if found:
                 return found
@@ -99,7 +99,11 @@ class Report:
     def as_text(self) -> str:
         plan = ", ".join(
             f"{i.signal} at step {i.global_step}"
-            + (f" (resumed from the {i.resumed_from['kind']} checkpoint at step {i.resumed_from['global_step']})" if i.resumed_from else "")
+            + (
+                f" (resumed from the {i.resumed_from['kind']} checkpoint at step {i.resumed_from['global_step']})"
+                if i.resumed_from
+                else ""
+            )
             + ("" if i.landed else " (after the last step: the run completed)")
             for i in self.interruptions
         )
@@ -110,7 +114,9 @@ class Report:
             )
         where = ""
         if self.differs_from_step is not None:
-            where = f"; the runs parted between step {self.equal_up_to_step or 0} (equal) and step {self.differs_from_step}"
+            where = (
+                f"; the runs parted between step {self.equal_up_to_step or 0} (equal) and step {self.differs_from_step}"
+            )
         return (
             f"FAIL: {self.first_difference} differs after {self.steps} steps, interrupted by {plan}{where}. "
             f"Both runs are kept in {self.kept}"
@@ -171,7 +177,9 @@ class Verifier:
         done: list[Interruption] = []
 
         def after(child: TrainerChild, step: int, **match) -> int:
-            event = child.wait_for("checkpoint_saved", SILENCE_S, where=lambda e: e["checkpoint_global_step"] >= step, **match)
+            event = child.wait_for(
+                "checkpoint_saved", SILENCE_S, where=lambda e: e["checkpoint_global_step"] >= step, **match
+            )
             return event["checkpoint_global_step"]
 
         def resumed(child: TrainerChild) -> dict:
@@ -211,13 +219,13 @@ class Verifier:
         return done
 
     def _final_state(self, run: str) -> dict:
-        def invalid(entry: Entry, _aside: Path) -> None:
+        def invalid(entry: Entry, _aside: Path | None) -> None:
             raise VerifyError(f"the {run} run left an invalid checkpoint {entry.path.name}: {entry.reason}")
 
         entry = CheckpointStore(self.scratch / run, keep_last=1).newest_valid(on_invalid=invalid)
         if entry is None:
             raise VerifyError(f"the {run} run left no checkpoint")
-        return entry.state
+        return entry.valid_state
 
     def _parting(self) -> tuple[int | None, int | None]:
         """The last periodic checkpoint step both runs share with equal state, and the first that differs."""

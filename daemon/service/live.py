@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict
 
 # Fields a person reading a terminal does not need on every line (they are in the JSON form).
 HIDDEN = frozenset({"event", "timestamp", "level", "run_id", "pid", "fingerprint", "environment", "rank"})
@@ -43,7 +46,7 @@ class Terminal:
     def flush(self) -> None:
         self.console.file.flush()
 
-    def render(self, _logger: Any, _method: str, event: dict[str, Any]) -> str:
+    def render(self, _logger: Any, _method: str, event: EventDict) -> str:
         """structlog's last processor: one short line (the event's time, name and its own fields)."""
         name = event["event"]
         if name == "checkpoint_saved":
@@ -63,7 +66,9 @@ class Terminal:
 
     def start(self, frame) -> None:
         """Show `frame()` below the events until stop(), refreshed by `refresh()`."""
-        self.live = Live(frame(), console=self.console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            frame(), console=self.console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False
+        )
         self.live.start()
 
     def refresh(self, frame) -> None:
@@ -110,7 +115,7 @@ class LiveView:
         self.terminal.refresh(self._frame)
         self.terminal.stop()
 
-    def _frame(self) -> Table:
+    def _frame(self) -> Table | Group:
         p = self.progress
         rate = self._rate
         epoch_left = (self.steps_per_epoch - p.step_in_epoch) / rate if rate else None
@@ -127,7 +132,9 @@ class LiveView:
             Text(f"checkpoint {_duration(time.monotonic() - age)} ago" if age else "no checkpoint yet", style="dim"),
         )
         if self.terminal.stopped:
-            return Group(grid, Text("stopped: the emergency checkpoint is saved; the same command resumes", style="bold yellow"))
+            return Group(
+                grid, Text("stopped: the emergency checkpoint is saved; the same command resumes", style="bold yellow")
+            )
         if self.terminal.stopping:
             return Group(grid, Text("stopping: writing the emergency checkpoint", style="bold yellow"))
         return grid

@@ -15,9 +15,14 @@ import os
 import sys
 import uuid
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import structlog
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, Processor
+
+    from daemon.service.live import Terminal
 
 # level name -> (logging level for filtering, syslog priority for the journal)
 LEVELS = {
@@ -46,16 +51,16 @@ class _WithPriority:
     def __init__(self, renderer: Any) -> None:
         self.renderer = renderer
 
-    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> str:
         # structlog's aliases (`fatal`, `msg`) have no entry: stored as info, journald's default.
         priority = LEVELS.get(event_dict["level"], LEVELS["info"])[1]
         return f"<{priority}>{self.renderer(logger, method_name, event_dict)}"
 
 
-_terminal = None  # daemon.live.Terminal, when stdout is a terminal that shows the console form
+_terminal: Terminal | None = None  # when stdout is a terminal that shows the console form
 
 
-def terminal():
+def terminal() -> Terminal | None:
     """The terminal the events are printed on (daemon/service/live.py), or None off a terminal."""
     return _terminal
 
@@ -66,10 +71,12 @@ def configure(level: str = "info", fmt: str = "auto") -> str:
     if fmt == "auto":
         fmt = "console" if sys.stdout.isatty() else "json"
     output: TextIO = sys.stdout
+    renderer: Processor
     if fmt == "console" and sys.stdout.isatty():
         from daemon.service.live import Terminal  # rich: imported on a terminal only
 
-        _terminal = output = Terminal()
+        _terminal = Terminal()
+        output = cast(TextIO, _terminal)  # structlog's WriteLogger calls only its write() and flush()
         renderer = _terminal.render
     elif fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)

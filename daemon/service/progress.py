@@ -12,14 +12,22 @@ from daemon.service import logs
 from daemon.service.notify import Notifier
 
 if TYPE_CHECKING:
+    from daemon.service.live import LiveView
     from daemon.train.state import TrainProgress
 
 
 class ProgressReporter:
     def __init__(
-        self, notifier: Notifier, progress: TrainProgress, mark_reported: Callable[[int], None], *,
-        every_seconds: float, steps_per_epoch: int, epochs: int, details: Callable[[], dict] = dict,
-    ) -> None:  # fmt: skip
+        self,
+        notifier: Notifier,
+        progress: TrainProgress,
+        mark_reported: Callable[[int], None],
+        *,
+        every_seconds: float,
+        steps_per_epoch: int,
+        epochs: int,
+        details: Callable[[], dict] = dict,
+    ) -> None:
         """`mark_reported(global_step)`: keeps the step each `progress` event reports (for a successor
         killed without warning to say what it redoes); `details`: more fields for each event."""
         self.notifier = notifier
@@ -30,7 +38,7 @@ class ProgressReporter:
         self.epochs = epochs
         self.details = details
         self._at, self._step = time.monotonic(), 0
-        self.view = None  # the live display, on a terminal
+        self.view: LiveView | None = None  # the live display, on a terminal
 
     def close(self) -> None:
         if self.view:
@@ -63,7 +71,8 @@ class ProgressReporter:
         self._at, self._step = now, self.progress.global_step
         loss = self.progress.mean_loss()
         self.mark_reported(self.progress.global_step)
-        events.PROGRESS.emit(**self.progress.position(),
+        events.PROGRESS.emit(
+            **self.progress.position(),
             steps_in_epoch=self.steps_per_epoch,
             loss=round(loss, 5),
             **{name: round(value, 5) for name, value in self.progress.mean_metrics().items()},

@@ -71,9 +71,12 @@ def environment(threads: int, wait: str) -> dict[str, str]:
     """The variables the OpenMP and MKL runtimes read when torch loads them."""
     spin = SPIN_COUNTS[wait]
     env = {
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "OMP_DYNAMIC": "FALSE",
+        "MKL_DYNAMIC": "FALSE",
         "MKL_CBWR": "AUTO,STRICT",
-    }  # fmt: skip
+    }
     if spin is not None:
         env["GOMP_SPINCOUNT"] = str(spin)
     return env
@@ -92,7 +95,9 @@ def configure_before_torch(threads: int | None, wait: str, started: contention.C
             wait = handover
         else:
             handover = None
-            wait, others = contention.policy_at_start(started or contention.CpuSampler()) if count > 1 else ("active", None)
+            wait, others = (
+                contention.policy_at_start(started or contention.CpuSampler()) if count > 1 else ("active", None)
+            )
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         os.environ.pop(name, None)  # ours, not inherited ones, decide the waiting
     os.environ.update(environment(count, wait))

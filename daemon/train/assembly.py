@@ -103,21 +103,32 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
     stepper = Stepper(task, group.wrap(model), optimizer, cfg.train, cfg.optim.clip_grad_norm, device, group.carry)
     lock_fd = lock.acquire(Path(cfg.checkpoint.dir)) if group.is_writer else None
     try:
-        data = build_train_data(task.train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, device.type == "cuda",
-                                task.collate_fn)  # fmt: skip
+        data = build_train_data(
+            task.train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, device.type == "cuda", task.collate_fn
+        )
         data.sampler.shard(group.rank, group.world_size)
         steps_per_epoch = -(-len(data.sampler) // cfg.train.grad_accum_steps)
         progress = TrainProgress().to(device)
         settings = {**cfg.flat(), "task.version": task.version}  # as the checkpoints store them
-        shape = RunShape(steps_per_epoch=steps_per_epoch, schedules=schedules,
-                         samples_per_step=cfg.train.batch_size * cfg.train.grad_accum_steps)  # fmt: skip
+        shape = RunShape(
+            steps_per_epoch=steps_per_epoch,
+            schedules=schedules,
+            samples_per_step=cfg.train.batch_size * cfg.train.grad_accum_steps,
+        )
         own_optimizer = task.configure_optimizers is not None
         manager = CheckpointManager(
-            cfg.checkpoint, settings=settings, fingerprint=exactness_fingerprint(settings),
-            cpu_threads_setting=cfg.train.cpu_threads, group=group, progress=progress, shape=shape,
+            cfg.checkpoint,
+            settings=settings,
+            fingerprint=exactness_fingerprint(settings),
+            cpu_threads_setting=cfg.train.cpu_threads,
+            group=group,
+            progress=progress,
+            shape=shape,
             parameters=[p for param_group in optimizer.param_groups for p in param_group["params"]],
-            optimizer_probe=None if own_optimizer else probe_optimizer(lambda module: build_optimizer(cfg.optim, module)),
-        )  # fmt: skip
+            optimizer_probe=None
+            if own_optimizer
+            else probe_optimizer(lambda module: build_optimizer(cfg.optim, module)),
+        )
         manager.register("state_dict", model)  # the key of the classic recipe
         manager.register("optimizer", optimizer)
         manager.register("scheduler", scheduler)
@@ -136,19 +147,33 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
         switching = cfg.train.cpu_wait == "auto" and cpu.switchable and group.world_size == 1
         waiting = WaitAdvisor(cpu.wait, cpu.handed_over) if switching else None
         reporter = ProgressReporter(
-            notifier, progress, manager.logged.mark, every_seconds=cfg.log.progress_every_seconds,
-            steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs, details=waiting.reading if waiting else dict,
-        )  # fmt: skip
+            notifier,
+            progress,
+            manager.logged.mark,
+            every_seconds=cfg.log.progress_every_seconds,
+            steps_per_epoch=steps_per_epoch,
+            epochs=cfg.train.epochs,
+            details=waiting.reading if waiting else dict,
+        )
         boundary = StepBoundary(
-            signals=signals, group=group, manager=manager, progress=progress, reporter=reporter, notifier=notifier,
-            metrics_every_steps=cfg.log.metrics_every_steps, steps_per_epoch=steps_per_epoch,
-            max_steps=cfg.train.max_steps, waiting=waiting, cpu=cpu,
-        )  # fmt: skip
+            signals=signals,
+            group=group,
+            manager=manager,
+            progress=progress,
+            reporter=reporter,
+            notifier=notifier,
+            metrics_every_steps=cfg.log.metrics_every_steps,
+            steps_per_epoch=steps_per_epoch,
+            max_steps=cfg.train.max_steps,
+            waiting=waiting,
+            cpu=cpu,
+        )
     except BaseException:
         if lock_fd is not None:
             os.close(lock_fd)
         raise
-    events.RUN_STARTED.emit(device=str(device),
+    events.RUN_STARTED.emit(
+        device=str(device),
         task=cfg.task.entry,
         parameters=sum(p.numel() for p in model.parameters()),
         train_samples=len(task.train_set),
@@ -158,10 +183,25 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
         **({"test_samples": task.test_samples} if task.test_samples is not None else {}),
     )
     return RunParts(
-        cfg=cfg, device=device, group=group, task=task, optimizer=optimizer, scheduler=scheduler, warmup=warmup,
-        schedules=schedules, stepper=stepper, data=data, steps_per_epoch=steps_per_epoch, progress=progress,
-        manager=manager, reporter=reporter, boundary=boundary, notifier=notifier, cpu=cpu, lock_fd=lock_fd,
-    )  # fmt: skip
+        cfg=cfg,
+        device=device,
+        group=group,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        warmup=warmup,
+        schedules=schedules,
+        stepper=stepper,
+        data=data,
+        steps_per_epoch=steps_per_epoch,
+        progress=progress,
+        manager=manager,
+        reporter=reporter,
+        boundary=boundary,
+        notifier=notifier,
+        cpu=cpu,
+        lock_fd=lock_fd,
+    )
 
 
 def _build_optimization(cfg: Config, task: TaskAdapter, model: torch.nn.Module):

@@ -37,10 +37,20 @@ class Outcome:
 
 class StepBoundary:
     def __init__(
-        self, *, signals: SignalRecorder, group: ProcessGroup, manager: CheckpointManager, progress: TrainProgress,
-        reporter: ProgressReporter, notifier: Notifier, metrics_every_steps: int, steps_per_epoch: int,
-        max_steps: int | None, waiting: WaitAdvisor | None, cpu: CpuSetting,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        signals: SignalRecorder,
+        group: ProcessGroup,
+        manager: CheckpointManager,
+        progress: TrainProgress,
+        reporter: ProgressReporter,
+        notifier: Notifier,
+        metrics_every_steps: int,
+        steps_per_epoch: int,
+        max_steps: int | None,
+        waiting: WaitAdvisor | None,
+        cpu: CpuSetting,
+    ) -> None:
         self.signals = signals
         self.group = group
         self.manager = manager
@@ -110,8 +120,9 @@ class StepBoundary:
         """Switch the OpenMP waiting policy, which libgomp reads only when it loads: checkpoint this
         step; the process is then replaced by one that resumes here (daemon/service/threads.py)."""
         assert self.waiting is not None and self.waiting.others is not None  # it just measured
-        events.CPU_WAIT_SWITCH.emit(**{"from": self.cpu.wait}, to=policy, others_cpus=round(self.waiting.others, 2),
-                      **self.progress.position())  # fmt: skip
+        events.CPU_WAIT_SWITCH.emit(
+            **{"from": self.cpu.wait}, to=policy, others_cpus=round(self.waiting.others, 2), **self.progress.position()
+        )
         self.notifier.status(f"switching cpu_wait to {policy} at step {self.progress.global_step}")
         self.manager.save_position("handover")
         return Outcome(ExitCode.STOPPED, handover=policy)

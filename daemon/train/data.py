@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import torch
@@ -102,7 +102,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         # Mid-epoch the order is that of the epoch in flight; at an epoch's start, that of the one before.
         epoch, step = checkpoint["epoch"], checkpoint["step_in_epoch"]
         allowed = (epoch,) if step else (epoch - 1, epoch)
-        require(data["epoch"] in allowed, f"{where}.epoch", f"{data['epoch']} for a checkpoint at epoch {epoch} step {step}")
+        require(
+            data["epoch"] in allowed, f"{where}.epoch", f"{data['epoch']} for a checkpoint at epoch {epoch} step {step}"
+        )
         order = data["order"]
         is_permutation = torch.equal(order.sort().values, torch.arange(len(order), dtype=order.dtype))
         require(is_permutation, f"{where}.order", f"is not a permutation of the {len(order)} samples")
@@ -133,7 +135,6 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return z ^ (z >> 31)
 
 
-
 class SeededSamples(Dataset):
     """A task's dataset, fetched by (epoch, index) keys with torch's, numpy's and Python's global
     RNGs seeded for that sample first: a random augmentation draws the same numbers on every resume
@@ -141,7 +142,7 @@ class SeededSamples(Dataset):
     iterator, so they would not). The caller's RNG states are put back afterwards: with no workers
     the fetch runs in the training process, between steps that draw from them (dropout)."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: MapDataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
 
@@ -199,12 +200,24 @@ class InProcessLoader:
             yield map_tensors(torch.Tensor.pin_memory, batch) if self.pin_memory else batch
 
 
+class MapDataset(Protocol):
+    """A map-style dataset, as the sampler indexes it (torch's `Dataset` declares no `__len__`)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 class BatchIndexed(Protocol):
     """A dataset that serves a whole batch from an index tensor, drawing no random numbers."""
 
     def __len__(self) -> int: ...
 
     def batch(self, index: torch.Tensor) -> Any: ...
+
+
+def _batch_indexed(dataset: MapDataset) -> TypeGuard[BatchIndexed]:
+    return callable(getattr(dataset, "batch", None))
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
@@ -227,19 +240,24 @@ class TrainData:
 
 
 def build_train_data(
-    dataset: Dataset, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool, collate_fn: Callable | None
+    dataset: MapDataset, cfg: DataConfig, batch_size: int, seed: int, pin_memory: bool, collate_fn: Callable | None
 ) -> TrainData:
     sampler = EpochBatchSampler(len(dataset), batch_size, cfg.shuffle, seed)
-    batch_indexed = callable(getattr(dataset, "batch", None))
     workers = cfg.num_workers
-    if batch_indexed and workers == 0:
-        return TrainData(InProcessLoader(dataset, sampler, pin_memory), sampler)
-    if batch_indexed:
-        dataset, batches, collate_fn = _WholeBatches(dataset), sampler, _already_batched
+    fetched: Dataset  # what the DataLoader fetches from
+    batches: EpochBatchSampler | KeyedBatches
+    if _batch_indexed(dataset):
+        if workers == 0:
+            return TrainData(InProcessLoader(dataset, sampler, pin_memory), sampler)
+        fetched, batches, collate_fn = _WholeBatches(dataset), sampler, _already_batched
     else:
-        dataset, batches, collate_fn = SeededSamples(dataset, seed), KeyedBatches(sampler), collate_fn or default_collate
+        fetched, batches, collate_fn = (
+            SeededSamples(dataset, seed),
+            KeyedBatches(sampler),
+            collate_fn or default_collate,
+        )
     loader = DataLoader(
-        dataset,
+        fetched,
         batch_sampler=batches,
         collate_fn=collate_fn,
         num_workers=workers,

@@ -51,8 +51,9 @@ class Trainer:
         # READY=1 would count as a failed start.
         self.parts.notifier.ready(self.parts.reporter.status_text())
         if self._finished():
-            events.TRAINING_ALREADY_COMPLETE.emit(epochs=self.cfg.train.epochs, max_steps=self.cfg.train.max_steps,
-                          **self.progress.position())  # fmt: skip
+            events.TRAINING_ALREADY_COMPLETE.emit(
+                epochs=self.cfg.train.epochs, max_steps=self.cfg.train.max_steps, **self.progress.position()
+            )
             self.parts.notifier.stopping("training already complete")
             return Outcome(ExitCode.COMPLETE)
         if self.boundary.stop_agreed():  # asked during start-up: nothing trained since the newest checkpoint
@@ -130,7 +131,8 @@ class Trainer:
         headline = next(iter(evaluation), "train_loss")
         self.manager.record_epoch(entry, train_seconds, headline)
         self.manager.save("final" if self._finished() else "epoch", wait=True)
-        events.EPOCH_COMPLETED.emit(**self.progress.position(),  # epoch: epochs completed, this one included
+        events.EPOCH_COMPLETED.emit(
+            **self.progress.position(),  # epoch: epochs completed, this one included
             **{key: value for key, value in entry.items() if key != "epoch"},
             headline=headline,
             seconds=round(train_seconds, 3),

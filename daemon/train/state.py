@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from daemon.train.task import Metrics
 
 
 @dataclass
@@ -33,7 +37,9 @@ class TrainProgress:
         self.loss_sum = self.loss_sum.to(device)
         return self
 
-    def record_batch(self, loss: torch.Tensor, batch_samples: int, own_samples: int, metrics: dict | None = None) -> None:
+    def record_batch(
+        self, loss: torch.Tensor, batch_samples: int, own_samples: int, metrics: Metrics | None = None
+    ) -> None:
         """A batch trained (one of the optimizer step's batches under gradient accumulation):
         `batch_samples` in the whole batch, `own_samples` of them in this rank's slice, over which
         `loss` and `metrics` are means (the same number when one process trains)."""
@@ -66,9 +72,11 @@ class TrainProgress:
     def running_means(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, dict[str, float]]:
         """The epoch in flight's mean loss and `train_<name>` step metrics over every rank's samples."""
         loss, *metrics = (total / max(self.samples, 1) for total in self._summed(sum_over_ranks))
-        return loss, {f"train_{name}": value for name, value in zip(self.metric_sums, metrics)}
+        return loss, {f"train_{name}": value for name, value in zip(self.metric_sums, metrics, strict=True)}
 
-    def complete_epoch(self, evaluation: dict[str, float], sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    def complete_epoch(
+        self, evaluation: dict[str, float], sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict:
         """Close the epoch in flight: record its evaluation (headline first) and training metrics
         (over every rank's samples), and start the next one."""
         loss, metrics = self.running_means(sum_over_ranks)
@@ -94,9 +102,9 @@ class TrainProgress:
         """The position and history, and the running sums of every rank together (each rank's own
         are `RunningSums`)."""
         loss_sum, *sums = self._summed(sum_over_ranks)
-        metrics = {"loss_sum": loss_sum, "samples": self.samples}
+        metrics: dict[str, float | dict[str, float]] = {"loss_sum": loss_sum, "samples": self.samples}
         if self.metric_sums:  # only a task with step metrics has them: the format is unchanged otherwise
-            metrics["sums"] = dict(zip(self.metric_sums, sums))
+            metrics["sums"] = dict(zip(self.metric_sums, sums, strict=True))
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -134,4 +142,7 @@ class RunningSums:
         p = self.progress
         p.loss_sum.fill_(state["loss_sum"])
         p.own_samples = state["samples"]
-        p.metric_sums = {name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device) for name, total in state["sums"].items()}
+        p.metric_sums = {
+            name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device)
+            for name, total in state["sums"].items()
+        }

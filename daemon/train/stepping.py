@@ -14,21 +14,29 @@ from torch import nn
 from daemon.ckpt.rng import RNGState
 from daemon.config.sections import TrainConfig
 from daemon.errors import ConfigError
-from daemon.train.task import TaskAdapter
+from daemon.train.task import Metrics, TaskAdapter
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Stepper:
     def __init__(
-        self, task: TaskAdapter, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-        clip_grad_norm: float | None, device: torch.device, carry: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:  # fmt: skip
+        self,
+        task: TaskAdapter,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        clip_grad_norm: float | None,
+        device: torch.device,
+        carry: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         """`model`: the task's model as the steps run it (wrapped by DDP when there are several ranks).
         `carry`: the loss a backward starts from, given the loss (with several ranks, one that hands
         this rank's requests to the agreement: daemon/dist/group.py)."""
         if cfg.precision == "fp16" and device.type != "cuda":
-            raise ConfigError(f"train.precision: fp16 needs CUDA (its loss scaling is CUDA's), the run is on {device}; use bf16")
+            raise ConfigError(
+                f"train.precision: fp16 needs CUDA (its loss scaling is CUDA's), the run is on {device}; use bf16"
+            )
         self.task = task
         self.model = model
         self.optimizer = optimizer
@@ -40,7 +48,7 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self._layout_settled = not isinstance(model, nn.parallel.DistributedDataParallel)
 
-    def accumulate(self, batch: Any, share: int) -> tuple[torch.Tensor, dict]:
+    def accumulate(self, batch: Any, share: int) -> tuple[torch.Tensor, Metrics]:
         """Forward and backward of one batch, its gradient weighted 1/`share` (the batches of this
         optimizer step); returns its loss (unweighted) and step metrics."""
         if not self._layout_settled:
@@ -50,7 +58,7 @@ class Stepper:
         self._carry(self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss, metrics
 
-    def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, Metrics]:
         with self._autocast():
             return self.task.training_step(self.model, batch)
 

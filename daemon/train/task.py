@@ -14,14 +14,15 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from daemon.config.sections import Config
 from daemon.errors import ConfigError
+from daemon.train.data import MapDataset
 
 Metrics = Mapping[str, "torch.Tensor | float"]
 
@@ -54,7 +55,7 @@ class Task(Protocol):
     """
 
     model: nn.Module
-    train_set: Dataset  # map-style: the daemon's sampler indexes it, so the data position is exact
+    train_set: MapDataset  # map-style: the daemon's sampler indexes it, so the data position is exact
 
     def training_step(self, model: nn.Module, batch: Any) -> torch.Tensor | tuple[torch.Tensor, Metrics]:
         """The loss of one batch (already on the device), optionally with metrics averaged per epoch."""
@@ -82,12 +83,13 @@ def load_entry(entry: str) -> Callable[[TaskContext], Task]:
     return built
 
 
-def _import_file(path: Path):
+def _import_file(path: Path) -> ModuleType:
     """A task file, imported as a module of its own name (dataclasses and pickling need one)."""
     if not path.is_file():
         raise FileNotFoundError(f"no file {path} (relative paths start at the working directory)")
     name = f"trainer_task_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None  # a .py file has a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # DataLoader workers started by fork inherit it
     spec.loader.exec_module(module)
@@ -101,9 +103,13 @@ def build_task(entry: str, context: TaskContext) -> TaskAdapter:
     if missing:
         raise ConfigError(f"task.entry: {entry} returned a {type(task).__name__} without {', '.join(missing)}")
     if not isinstance(task.model, nn.Module):
-        raise ConfigError(f"task.entry: {entry} returned a model that is a {type(task.model).__name__}, not a torch nn.Module")
+        raise ConfigError(
+            f"task.entry: {entry} returned a model that is a {type(task.model).__name__}, not a torch nn.Module"
+        )
     if not hasattr(task.train_set, "__getitem__") or not hasattr(task.train_set, "__len__"):
-        raise ConfigError(f"task.entry: {entry} returned a train_set that is not a map-style dataset (__getitem__, __len__)")
+        raise ConfigError(
+            f"task.entry: {entry} returned a train_set that is not a map-style dataset (__getitem__, __len__)"
+        )
     for part in ("training_step", "evaluate"):
         if not callable(getattr(task, part)):
             raise ConfigError(f"task.entry: {entry} returned a {part} that is not callable")
@@ -118,11 +124,13 @@ class TaskAdapter:
         self.task = task
         self.entry = entry
         self.model: nn.Module = task.model
-        self.train_set: Dataset = task.train_set
+        self.train_set: MapDataset = task.train_set
         self.version = str(getattr(task, "version", ""))
         self.collate_fn: Callable | None = getattr(task, "collate_fn", None)
         self.configure_optimizers: Callable | None = getattr(task, "configure_optimizers", None)
-        self.has_state = callable(getattr(task, "state_dict", None)) and callable(getattr(task, "load_state_dict", None))
+        self.has_state = callable(getattr(task, "state_dict", None)) and callable(
+            getattr(task, "load_state_dict", None)
+        )
         test_set = getattr(task, "test_set", None)
         self.test_samples = len(test_set) if test_set is not None and hasattr(test_set, "__len__") else None
 
@@ -133,10 +141,14 @@ class TaskAdapter:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """The task's evaluation, its metric names checked against the daemon's own."""
         metrics = dict(self.task.evaluate(model))
-        clashing = [name for name in metrics if not isinstance(name, str) or name == "epoch" or name.startswith("train_")]
+        clashing = [
+            name for name in metrics if not isinstance(name, str) or name == "epoch" or name.startswith("train_")
+        ]
         if clashing:
-            raise ConfigError(f"task.entry: {self.entry} evaluates metrics named {clashing}: 'epoch' and "
-                              f"'train_*' are the daemon's own (the epoch, and the training metrics averaged over it)")  # fmt: skip
+            raise ConfigError(
+                f"task.entry: {self.entry} evaluates metrics named {clashing}: 'epoch' and "
+                f"'train_*' are the daemon's own (the epoch, and the training metrics averaged over it)"
+            )
         return {name: float(value) for name, value in metrics.items()}
 
     def state_dict(self) -> Any:
