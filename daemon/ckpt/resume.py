@@ -13,7 +13,7 @@ from daemon import events
 from daemon.ckpt.logged_step import LoggedStep
 from daemon.ckpt.schema import CheckpointSchema, InvalidCheckpoint
 from daemon.ckpt.store import CheckpointStore, Entry
-from daemon.config.exactness import is_resume_safe
+from daemon.config.exactness import exactness_fingerprint, is_resume_safe, with_current_names
 from daemon.errors import IncompatibleCheckpoint
 
 
@@ -75,7 +75,7 @@ class Resumer:
         )
 
     def _config_changes(self, entry: Entry) -> dict[str, tuple]:
-        stored, current = entry.valid_state["config"], self.settings
+        stored, current = with_current_names(entry.valid_state["config"]), self.settings
         return {
             key: (stored.get(key), current.get(key))
             for key in sorted(stored.keys() | current.keys())
@@ -85,12 +85,24 @@ class Resumer:
     def _check_compatible(self, entry: Entry) -> None:
         changed = self._config_changes(entry)
         breaking = {key: change for key, change in changed.items() if not is_resume_safe(key)}
-        if breaking or entry.valid_state["fingerprint"] != self.fingerprint:
+        if breaking or not self._same_fingerprint(entry):
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in breaking.items())
             raise IncompatibleCheckpoint(
                 f"{entry.path} cannot be resumed exactly with this config ({listed or 'fingerprint differs'}). "
                 f"Restore those settings, or set checkpoint.dir to an empty directory to start afresh."
             )
+
+    def _same_fingerprint(self, entry: Entry) -> bool:
+        """The checkpoint's fingerprint is this run's, or was, before a renamed value got its new name."""
+        state = entry.valid_state
+        if state["fingerprint"] == self.fingerprint:
+            return True
+        renamed = with_current_names(state["config"])
+        return (
+            renamed != state["config"]
+            and state["fingerprint"] == exactness_fingerprint(state["config"])
+            and exactness_fingerprint(renamed) == self.fingerprint
+        )
 
     def _check_world_size(self, entry: Entry) -> None:
         """A run keeps its world size: each rank's RNGs are saved for its rank, and a batch split over

@@ -7,6 +7,18 @@ import hashlib
 import json
 from typing import Any
 
+# Values a setting had in earlier versions of the daemon for what is the same thing now: the built-in
+# task moved into daemon/builtin/. A checkpoint that stores one resumes as if it stored the new one.
+RENAMED_VALUES = {("task.entry", "daemon.mnist_mlp:build"): "daemon.builtin.mnist_mlp:build"}
+
+
+def with_current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as a checkpoint stores them, with each renamed value under its current name."""
+    return {
+        key: RENAMED_VALUES.get((key, value), value) if isinstance(value, str) else value
+        for key, value in settings.items()
+    }
+
 
 def exactness_fingerprint(settings: dict[str, Any]) -> str:
     """Hash of every setting (flat, as Config.flat() and the task's version give them) that a
