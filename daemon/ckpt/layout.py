@@ -15,12 +15,15 @@ is imported.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
 INVALID_SUFFIX = ".invalid"
@@ -77,3 +80,41 @@ def temp_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return [path for path in directory.iterdir() if path.name.startswith(TEMP_PREFIX) and path.is_file()]
+
+
+class UnusableFile(Exception):
+    """A file of the run directory that cannot be what its name says; the message says why."""
+
+
+def open_regular(directory: Path, name: str) -> BinaryIO | None:
+    """`directory/name` opened for reading if it is a regular file; None if there is none. Never
+    follows a link (a link planted there may point anywhere) and never blocks (a FIFO or a device
+    opened for reading would wait for a writer). Raises UnusableFile for anything else."""
+    try:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a link; EACCES, EISDIR...
+        reason = "a symbolic link, not followed" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise UnusableFile(reason) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnusableFile("not a regular file")
+    return open(fd, "rb")
+
+
+def read_small_json(directory: Path, name: str, limit: int = 1 << 16) -> Any:
+    """The JSON value of a small record of the run directory (None: no such file). Raises
+    UnusableFile when it is not a regular file, is larger than `limit` bytes, or is not JSON (a
+    nesting too deep for the parser included)."""
+    file = open_regular(directory, name)
+    if file is None:
+        return None
+    with file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise UnusableFile(f"larger than {limit} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UnusableFile(f"not JSON ({type(exc).__name__})") from None
