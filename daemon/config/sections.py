@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.config.loading import build, flatten, read_tree
+from daemon.config.loading import build, check_options, flatten, read_tree
 from daemon.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy's global RNG takes 32-bit seeds
@@ -31,9 +31,11 @@ class TaskConfig:
     # What trains: "package.module:callable" or "path/to/file.py:callable" (relative to the working
     # directory), called with a daemon.train.task.TaskContext; it returns the task (docs/task.md).
     entry: str = BUILTIN_TASK
-    options: dict[str, Any] = field(default_factory=dict)  # handed to the task as context.options
+    # Handed to the task as context.options; plain values only, as every checkpoint stores them.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_options(self.options, "task.options")
         target, sep, name = self.entry.rpartition(":")
         _require(
             bool(sep and target and name.isidentifier()),
