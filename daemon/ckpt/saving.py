@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from daemon import events
 from daemon.ckpt.logged_step import LoggedStep
-from daemon.ckpt.store import BackgroundWriter, CheckpointStore, SaveResult
+from daemon.ckpt.store import CheckpointStore, SaveResult
+from daemon.ckpt.writer import BackgroundWriter
 from daemon.config.sections import CheckpointConfig
 
 if TYPE_CHECKING:

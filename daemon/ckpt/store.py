@@ -4,19 +4,24 @@ A checkpoint is one `torch.save` file named by daemon/ckpt/layout.py, loadable w
 `torch.load(path, weights_only=True)`. Its integrity check is the CRC-32 that torch's zip
 container records for every record at save time (the pickled structure and each tensor),
 verified in full before loading: a truncated, corrupted, unreadable or foreign file is
-never used. A checkpoint exists only when complete: temp file, fsync, rename, fsync the
-directory. A file found invalid when resuming is renamed `*.invalid` (kept for inspection,
-out of the way of retention and of later runs). What the content must hold is daemon/ckpt/schema.py's.
+never used. Before that, the archive's directory is checked against the file's size, so that a
+file which claims more than it holds is refused without reading it. A file is opened without
+following a link or blocking. A checkpoint exists only when complete: temp file, fsync, rename,
+fsync the directory. A file found invalid when resuming is renamed `*.invalid` (kept for
+inspection, out of the way of retention and of later runs); one that is not a regular file (a
+link, a directory, a FIFO) is left in place. What the content must hold is daemon/ckpt/schema.py's.
+
+Retention counts only the checkpoints this store wrote or read as valid: anyone may put a file
+named like a newer checkpoint in the directory, and counting it would delete the real ones.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import stat
+import threading
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +29,23 @@ from typing import Any
 
 import torch
 
-from daemon.ckpt.layout import CHECKPOINT_NAME, INVALID_SUFFIX, checkpoint_name, temp_files, write_atomic
+from daemon.ckpt.archive import verify_archive
+from daemon.ckpt.layout import (
+    CHECKPOINT_NAME,
+    INVALID_SUFFIX,
+    UnusableFile,
+    checkpoint_name,
+    open_regular,
+    temp_files,
+    write_atomic,
+)
 from daemon.ckpt.schema import InvalidCheckpoint, check_format
 from daemon.errors import CheckpointWriteError
 
 # Written after the epoch at their step was completed, so newer than any other kind at that step.
 EPOCH_END_KINDS = ("epoch", "final")
 NOT_A_FILE = "not a regular file; left in place"
+A_LINK = "a symbolic link, not followed; left in place"
 
 
 @dataclass(frozen=True)
@@ -65,22 +80,23 @@ class Entry:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Verify every record's checksum, then load with weights_only=True; raise InvalidCheckpoint."""
+    """Check the archive's directory against the file, verify every record's checksum, then load
+    with weights_only=True; raise InvalidCheckpoint. Opened without following a link or blocking."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            corrupt_record = archive.testzip()
-    except zipfile.BadZipFile as exc:
-        raise InvalidCheckpoint(f"incomplete or not a checkpoint archive ({exc})") from None
-    except (OSError, EOFError, ValueError) as exc:
-        raise InvalidCheckpoint(f"unreadable ({type(exc).__name__}: {exc})") from None
-    if corrupt_record is not None:
-        raise InvalidCheckpoint(f"checksum mismatch in record {corrupt_record}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, a file that does not load is not a checkpoint
-        raise InvalidCheckpoint(
-            f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
+        file = open_regular(path.parent, path.name)
+    except UnusableFile as exc:
+        raise InvalidCheckpoint(str(exc)) from None
+    if file is None:
+        raise InvalidCheckpoint("no such file (removed since it was listed)")
+    with file:
+        verify_archive(file)
+        file.seek(0)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, a file that does not load is not a checkpoint
+            raise InvalidCheckpoint(
+                f"refused by weights-only loading ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
     check_format(state, path)
     return state
 
@@ -97,6 +113,10 @@ class CheckpointStore:
     def __init__(self, directory: Path, keep_last: int) -> None:
         self.directory = directory
         self.keep_last = keep_last
+        # The names of the checkpoints this store wrote or read as valid: the only ones retention
+        # counts. Saves and prunes run on the background writer's thread as well as the loop's.
+        self._known_good: set[str] = set()
+        self._known_good_lock = threading.Lock()
 
     def path_for(self, global_step: int, kind: str) -> Path:
         return self.directory / checkpoint_name(global_step, kind)
@@ -121,12 +141,14 @@ class CheckpointStore:
             raise self._write_error(
                 f"cannot write checkpoint {path}", io_error, " (the previous checkpoints are intact)"
             ) from None
+        with self._known_good_lock:
+            self._known_good.add(path.name)
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 
     def _listed(self) -> list[Entry]:
         """Everything named like a checkpoint, not yet read, newest first: global step, then epoch-end
         kinds (the same step with its epoch completed), then write time. What is not a regular file
-        (a directory, a device) comes with its reason already."""
+        (a link, never followed; a directory, a device) comes with its reason already."""
         if not self.directory.is_dir():
             return []
         found = []
@@ -135,22 +157,33 @@ class CheckpointStore:
             if not match:
                 continue
             try:
-                status = path.stat()
+                status = path.lstat()
             except FileNotFoundError:  # removed by a running trainer's retention meanwhile
                 continue
-            reason = None if stat.S_ISREG(status.st_mode) else NOT_A_FILE
+            reason = None if stat.S_ISREG(status.st_mode) else A_LINK if stat.S_ISLNK(status.st_mode) else NOT_A_FILE
             entry = Entry(path, int(match["step"]), match["kind"], status.st_size, reason=reason)
             found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, status.st_mtime_ns), entry))
         found.sort(key=lambda item: item[0], reverse=True)
         return [entry for _, entry in found]
 
     def prune(self) -> None:
-        """Delete all but the newest `keep_last` checkpoint files. Raises CheckpointWriteError."""
-        for entry in [entry for entry in self._listed() if entry.reason is None][self.keep_last :]:
-            try:
-                entry.path.unlink(missing_ok=True)
-            except OSError as exc:
-                raise self._write_error(f"cannot delete old checkpoint {entry.path}", exc) from None
+        """Delete the checkpoint files older than the newest `keep_last` that this store wrote or
+        read as valid. A file it has not read is not counted, and is kept while it is newer than
+        those: a resume reads it first and sets it aside if it is bad. So the newest valid
+        checkpoint is never deleted. Raises CheckpointWriteError."""
+        with self._known_good_lock:
+            kept = 0
+            for entry in self._listed():
+                if entry.reason is not None:  # not a regular file: left in place
+                    continue
+                if kept < self.keep_last:
+                    kept += entry.path.name in self._known_good
+                    continue
+                try:
+                    entry.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise self._write_error(f"cannot delete old checkpoint {entry.path}", exc) from None
+                self._known_good.discard(entry.path.name)
 
     def scan(self) -> list[Entry]:
         """Every checkpoint file, newest first, each verified in full (for `trainer status`)."""
@@ -173,15 +206,17 @@ class CheckpointStore:
         """The newest checkpoint that verifies and passes `validate` (which raises InvalidCheckpoint,
         and may raise other errors, which end the search). Each invalid file met on the way is set
         aside as `<name>.invalid` and reported through `on_invalid(entry, new_path)`; what is not a
-        regular file is reported with `new_path` None and left in place. Raises CheckpointWriteError
-        when a file cannot be set aside."""
+        regular file (a link, a directory) is reported with `new_path` None and left in place.
+        Raises CheckpointWriteError when a file cannot be set aside."""
         for listed in self._listed():
+            if listed.reason is not None:
+                on_invalid(listed, None)
+                continue
             entry = self._read(listed, validate)
             if entry.valid:
+                with self._known_good_lock:
+                    self._known_good.add(entry.path.name)
                 return entry
-            if entry.reason == NOT_A_FILE:
-                on_invalid(entry, None)
-                continue
             aside = entry.path.with_name(entry.path.name + INVALID_SUFFIX)
             try:
                 os.replace(entry.path, aside)
@@ -206,78 +241,3 @@ class CheckpointStore:
             except OSError as exc:
                 raise self._write_error(f"cannot remove temporary file {path}", exc) from None
         return stale
-
-
-def snapshot(state: Any, reuse: Any = None) -> Any:
-    """A copy of `state` on the CPU that the training loop can no longer change.
-
-    Each tensor is copied into the tensor at the same place in `reuse` (an earlier snapshot
-    nobody reads any more) when shape, dtype and strides match, else into a new one. Copying
-    into memory already mapped is several times faster than into fresh memory, whose every
-    page faults on first touch: for a 1.2 GB state, ~0.1 s instead of ~0.5-1.5 s here.
-    """
-    if isinstance(state, torch.Tensor):
-        source = state.detach()
-        if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype, reuse.stride()) == (
-            source.shape,
-            source.dtype,
-            source.stride(),
-        ):
-            return reuse.copy_(source)
-        return source.to("cpu", copy=True)
-    if isinstance(state, dict):
-        previous = reuse if isinstance(reuse, dict) else {}
-        return {key: snapshot(value, previous.get(key)) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        previous_items = (
-            reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else (None,) * len(state)
-        )
-        return type(state)(snapshot(value, old) for value, old in zip(state, previous_items, strict=True))
-    return state
-
-
-class BackgroundWriter:
-    """Writes snapshots through the store on one background thread, one save at a time.
-
-    The loop is blocked only for the snapshot; `submit` first waits for the save in flight,
-    so two saves never run at once, and `drain` lets the emergency path wait for it before
-    its own synchronous write (the emergency file is then the newest). The snapshot of the
-    last save is kept, its memory reused by the next one: between saves the writer holds one
-    snapshot of the state, as it does while a save is in flight.
-    """
-
-    def __init__(self, store: CheckpointStore) -> None:
-        self.store = store
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
-        self._in_flight: concurrent.futures.Future[SaveResult] | None = None
-        self._last_snapshot: dict[str, Any] | None = None  # written out; its tensors are free for reuse
-
-    def submit(self, state: dict[str, Any]) -> list[SaveResult]:
-        """Start writing a snapshot of `state`; return the saves that finished meanwhile."""
-        finished = self.drain()  # after this, nothing reads the last snapshot: it may be overwritten
-        self._last_snapshot = snapshot(state, reuse=self._last_snapshot)
-        self._in_flight = self._executor.submit(self._write, self._last_snapshot)
-        return finished
-
-    def _write(self, state: dict[str, Any]) -> SaveResult:
-        result = self.store.save(state)
-        self.store.prune()  # here too, off the loop
-        return result
-
-    def poll(self) -> list[SaveResult]:
-        """The save in flight, if it has finished (its error, if it failed, is raised here)."""
-        if self._in_flight is not None and self._in_flight.done():
-            return self.drain()
-        return []
-
-    def drain(self) -> list[SaveResult]:
-        """Wait for the save in flight; return it (or raise its error)."""
-        future, self._in_flight = self._in_flight, None
-        return [future.result()] if future is not None else []
-
-    def close(self) -> list[SaveResult]:
-        try:
-            return self.drain()
-        finally:
-            self._last_snapshot = None
-            self._executor.shutdown(wait=True)

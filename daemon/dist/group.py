@@ -20,7 +20,8 @@ from torch import nn
 from daemon import events
 from daemon.ckpt.registry import Stateful
 from daemon.ckpt.rng import RNGState
-from daemon.ckpt.store import BackgroundWriter, CheckpointStore
+from daemon.ckpt.store import CheckpointStore
+from daemon.ckpt.writer import BackgroundWriter
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import Agreement, Requests
 from daemon.dist.rank_state import RANK_KEY, NoWriter, OwnState, RankKeyed, RankZeroStore, pickled, unpickled
