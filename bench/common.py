@@ -19,7 +19,7 @@ EVAL_BATCH_SIZE = 1000  # the daemon's train.eval_batch_size
 
 def emit(event: str, **fields: object) -> None:
     """One JSON line on stdout stamped with the wall clock, which run.py compares with the launch time."""
-    # One write, newline included: the ranks of bench/plain_ddp.py share stdout.
+    # One write, newline included: the ranks of bench.plain_ddp share stdout.
     sys.stdout.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
     sys.stdout.flush()
 
@@ -38,7 +38,7 @@ def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
     carry: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
 ) -> None:  # fmt: skip
-    """`carry`: the loss the backward starts from, given the loss (bench/plain_ddp.py's agreement)."""
+    """`carry`: the loss the backward starts from, given the loss (bench.plain_ddp's agreement)."""
     loss = F.cross_entropy(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     carry(loss).backward()

@@ -1,10 +1,10 @@
 """What the live display costs: one epoch of the default MLP in a pseudo-terminal (the display
 drawn, events as console lines) against the same off a terminal (JSON lines), alternated.
 
-    .venv/bin/python bench/live_view.py [--reps N]
+    .venv/bin/python -m bench.live_view [--reps N]
 
 Prints each run's epoch seconds (`epoch_completed`'s `seconds`) and the medians. Not part of
-bench/run.py: the benchmark's contenders run off a terminal, as a service does.
+bench.run: the benchmark's contenders run off a terminal, as a service does.
 """
 
 from __future__ import annotations

@@ -4,19 +4,17 @@ the daemon: a shuffled DataLoader with 2 workers, Adam, no checkpoints, the test
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import arguments, emit
+from bench.common import arguments, emit
+from daemon.config.sections import Config
+from daemon.train.task import TaskContext, load_entry
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from mnist_cnn import MnistCNN  # noqa: E402  (the example is a file, not an installed package)
-
-from daemon.config.sections import Config  # noqa: E402
-from daemon.train.task import TaskContext  # noqa: E402
+# A file, not an installed package: imported as the daemon imports a task's file.
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_cnn.py"
 
 
 def main() -> None:
@@ -26,7 +24,7 @@ def main() -> None:
     config = Config()
     config.data.root = args.data_root
     torch.manual_seed(0)
-    task = MnistCNN(TaskContext(options={}, device=torch.device("cpu"), config=config))
+    task = load_entry(f"{EXAMPLE}:MnistCNN")(TaskContext(options={}, device=torch.device("cpu"), config=config))
     model = task.model
     optimizer = torch.optim.Adam(model.parameters(), lr=0.002)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=100, shuffle=True, num_workers=args.workers)

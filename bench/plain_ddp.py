@@ -10,7 +10,7 @@ alternating blocks of steps (in turn first in a block), so that the machine's sw
 alike; `--epochs` rounds of one epoch each, with fresh copies. Each rank reports the seconds
 each kind of copy took.
 
-    torchrun --standalone --nproc-per-node 2 bench/plain_ddp.py --data-root data
+    torchrun --standalone --nproc-per-node 2 -m bench.plain_ddp --data-root data
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bench.common import BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
+from bench.plain_loop import as_float, read_idx
 from daemon.dist.agreement import Agreement, Requests
-
-from common import BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
-from plain_loop import as_float, read_idx
 
 BLOCK_STEPS = 20  # steps of one copy before the other takes the same batches
 
@@ -71,7 +70,9 @@ def main() -> None:
         if args.agreement:
             # Fresh copies each epoch, built in turn first: where each lands in memory changes its
             # speed by a few percent, by the luck of the draw.
-            copies = [Copy(module, None), Copy(module, Agreement(dist.group.WORLD, Requests))][:: -1 if epoch % 2 else 1]
+            copies = [Copy(module, None), Copy(module, Agreement(dist.group.WORLD, Requests))][
+                :: -1 if epoch % 2 else 1
+            ]
         plain = next(c for c in copies if c.agreement is None)
         plain_before = plain.seconds
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))

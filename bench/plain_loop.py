@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import BATCH_SIZE, EVAL_BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
+from bench.common import BATCH_SIZE, EVAL_BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
 
 
 def read_idx(path: Path, header: int) -> torch.Tensor:

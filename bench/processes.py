@@ -1,6 +1,6 @@
 """Launching the benchmark's contenders and reaping them: the daemon through its CLI, the plain
-loops and the seed recipe from bench/, all through the one event reader (daemon/ops/child.py), which
-keeps their JSON lines, exit time and peak RSS."""
+loops and the seed recipe of this package (`python -m bench.NAME`), all through the one event
+reader (daemon/ops/child.py), which keeps their JSON lines, exit time and peak RSS."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from daemon.ops.child import TrainerChild, event_time
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config.yaml"
 
 
@@ -32,7 +31,8 @@ def daemon(data: Path, run_dir: Path, settings: dict, config: Path = CONFIG) -> 
 
 
 def script(data: Path, name: str, *args: str, env: dict | None = None) -> TrainerChild:
-    return TrainerChild([sys.executable, str(BENCH / name), f"--data-root={data}", *args], REPO, env)
+    """The contender `bench.<name>` (plain_loop, seed_recipe, plain_cnn) as a process of its own."""
+    return TrainerChild([sys.executable, "-m", f"bench.{name}", f"--data-root={data}", *args], REPO, env)
 
 
 def finish(child: TrainerChild, expect: int, silence: float = 600) -> TrainerChild:
@@ -50,7 +50,7 @@ def finish(child: TrainerChild, expect: int, silence: float = 600) -> TrainerChi
 def step_s(child: TrainerChild) -> float:
     """The median step: seconds between consecutive `progress` events, one a step with TINY_PROGRESS."""
     times = [event_time(record) for record in child.events("progress")]
-    return statistics.median(later - earlier for earlier, later in zip(times, times[1:]))
+    return statistics.median(later - earlier for earlier, later in zip(times, times[1:], strict=False))
 
 
 def tail(child: TrainerChild) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit
+from bench.common import emit
 
 
 def main() -> None:

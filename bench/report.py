@@ -1,5 +1,5 @@
 """The benchmark's figures from its samples, the targets judged on them, and the tables (text,
-and markdown for README.md)."""
+and markdown for docs/benchmark.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import os
 import platform
 import statistics
 
-from processes import REPO
-from scenarios import CONTENDED, TASK, THROUGHPUT
+from bench.processes import REPO
+from bench.scenarios import CONTENDED, TASK, THROUGHPUT
 
 DDP_EPOCHS = ("ddp_plain", "ddp_daemon")  # timed by the epoch; ddp_agreement is a measure of its own
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
-README_BEGIN = "<!-- bench:begin: written by bench/run.py --update-readme -->"
-README_END = "<!-- bench:end -->"
+DOCS = REPO / "docs" / "benchmark.md"  # the tables go between its markers
+# The begin marker is found by its start (one written by an earlier version says another command)
+# and written anew.
+DOCS_BEGIN, DOCS_BEGIN_LINE = "<!-- bench:begin", "<!-- bench:begin: written by python -m bench.run --update-docs -->"
+DOCS_END = "<!-- bench:end -->"
 LABELS = {
     "a": "(a) plain loop, tensors, no checkpoint",
     "a_tuned": "(a tuned) the same, malloc tuned as the daemon's (the fair floor)",
@@ -47,10 +50,13 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
             "seconds_per_epoch": spread(seconds),
             "steps_per_s": spread([600 / s for s in seconds]),
         }
+
     def paired(numerator: str, denominator: str) -> dict:
         """The ratio within each repetition, whose contenders ran within a minute of each other:
         the machine's slow swings cancel better than in a ratio of medians over the whole run."""
-        over = zip(samples[f"throughput.{numerator}.seconds"], samples[f"throughput.{denominator}.seconds"])
+        over = zip(
+            samples[f"throughput.{numerator}.seconds"], samples[f"throughput.{denominator}.seconds"], strict=False
+        )
         return spread([n / d for n, d in over])
 
     ratios = {
@@ -71,7 +77,7 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     task = {contender: samples[f"task.{contender}.seconds"] for contender in TASK}
     figures["task"] = {
         **{contender: spread(seconds) for contender, seconds in task.items()},
-        "ratio": spread([d / p for d, p in zip(task["cnn_daemon"], task["cnn_plain"])]),
+        "ratio": spread([d / p for d, p in zip(task["cnn_daemon"], task["cnn_plain"], strict=False)]),
     }
 
     steps = {"mlp": 1 / med("throughput.c.train_steps_per_s"), "big": med("big.step_s")}
@@ -103,8 +109,18 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
         ("(c)/(a tuned) s/epoch", ratios["(c)/(a tuned)"]["median"], "<=", 1.03),
         ("(d)/(a tuned) s/epoch", ratios["(d)/(a tuned)"]["median"], "<=", 1.05),
         ("(b)/(c) s/epoch", ratios["(b)/(c)"]["median"], ">=", 2.0),
-        ("(c)/(c active) s/epoch, quiet: cpu_wait against libgomp's default", ratios["(c)/(c active)"]["median"], "<=", 1.03),
-        ("(c) beside busy loops: share of its quiet throughput", figures["contended"]["c"]["share"]["median"], ">=", 0.35),
+        (
+            "(c)/(c active) s/epoch, quiet: cpu_wait against libgomp's default",
+            ratios["(c)/(c active)"]["median"],
+            "<=",
+            1.03,
+        ),
+        (
+            "(c) beside busy loops: share of its quiet throughput",
+            figures["contended"]["c"]["share"]["median"],
+            ">=",
+            0.35,
+        ),
         (
             "MLP SIGTERM → durable, s (step + 1.25 × raw)",
             emergency["mlp"]["durable_s"]["median"],
@@ -139,7 +155,12 @@ def summarize(samples: dict[str, list]) -> tuple[dict, list[dict]]:
     targets += [
         ("2 ranks: daemon / plain DDP, s/epoch", ddp["ratio"]["median"], "<=", 1.05),
         ("2 ranks: the agreement's cost, % of plain DDP's time", ddp["agreement_percent"]["median"], "<=", 2.0),
-        ("2 ranks: peak RSS per rank, MB (1.1 × plain's + one snapshot)", ddp["rss_mb"]["ddp_daemon"], "<=", ddp["rss_limit_mb"]),
+        (
+            "2 ranks: peak RSS per rank, MB (1.1 × plain's + one snapshot)",
+            ddp["rss_mb"]["ddp_daemon"],
+            "<=",
+            ddp["rss_limit_mb"],
+        ),
         ("2 ranks: SIGTERM → durable, s (2 steps + 1.25 × raw)", ddp["durable_s"]["median"], "<=", ddp["budget_s"]),
     ]
     passed = {"<=": lambda v, limit: v <= limit, "<": lambda v, limit: v < limit, ">=": lambda v, limit: v >= limit}
@@ -158,7 +179,7 @@ def several_ranks(samples: dict[str, list]) -> dict:
     plain_rss = max(samples["ddp.ddp_plain.max_rss"])
     return {
         **{contender: spread(values) for contender, values in seconds.items()},
-        "ratio": spread([d / p for d, p in zip(seconds["ddp_daemon"], seconds["ddp_plain"])]),
+        "ratio": spread([d / p for d, p in zip(seconds["ddp_daemon"], seconds["ddp_plain"], strict=False)]),
         "agreement_percent": spread(samples["ddp.agreement_percent"]),
         "rss_mb": {contender: max(samples[f"ddp.{contender}.max_rss"]) / 1e6 for contender in DDP_EPOCHS},
         "rss_limit_mb": (1.1 * plain_rss + statistics.median(stop["bytes"] for stop in stops)) / 1e6,
@@ -284,14 +305,18 @@ def several_ranks_table(ddp: dict) -> Table:
         [f"SIGTERM to the launcher → durable, s (a step {ddp['step_s'] * 1e3:.1f} ms, raw save "
          f"{mmm(ddp['raw_save_s'])})", mmm(ddp["durable_s"]), ""],
     ]  # fmt: skip
-    return ("8. Two ranks (DDP, gloo, one thread each), one epoch of the MLP", ["contender", "s/epoch", "peak RSS per rank, MB"], rows)
+    return (
+        "8. Two ranks (DDP, gloo, one thread each), one epoch of the MLP",
+        ["contender", "s/epoch", "peak RSS per rank, MB"],
+        rows,
+    )
 
 
 def as_text(table: Table) -> str:
     title, headers, rows = table
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = [title, "  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = [title, "  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     return "\n".join(lines)
 
 
@@ -311,11 +336,14 @@ def provenance(info: dict) -> str:
     )
 
 
-def update_readme(block: str) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    begin, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
-    readme.write_text(text[:begin] + "\n" + block + "\n" + text[end:])
+def update_docs(block: str) -> None:
+    """`block` in place of what DOCS holds between its markers."""
+    text = DOCS.read_text()
+    begin = text.index(DOCS_BEGIN)
+    after_begin, end = text.index("-->", begin) + len("-->"), text.index(DOCS_END)
+    if not after_begin <= end:
+        raise ValueError(f"{DOCS}: {DOCS_END} before {DOCS_BEGIN}")
+    DOCS.write_text(text[:begin] + DOCS_BEGIN_LINE + "\n" + block + "\n" + text[end:])
 
 
 def machine() -> dict:
@@ -336,5 +364,3 @@ def machine() -> dict:
 def cpu_ticks() -> list[int]:
     with open("/proc/stat") as stat:
         return [int(value) for value in stat.readline().split()[1:]]
-
-

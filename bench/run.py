@@ -1,13 +1,14 @@
 """The benchmark: the daemon against a plain PyTorch loop and the seed recipe.
 
-    .venv/bin/python bench/run.py [--quick] [--reps N] [--big-reps N]
+    .venv/bin/python -m bench.run [--quick] [--reps N] [--big-reps N] [--update-docs]
 
-Every contender is a real process launched from here (the daemon through its CLI, the others
-from bench/), so all pay the same process costs; their timings come from the JSON lines they
-print (the daemon's log events, the markers of bench/common.py). One run interleaves them
-(A B C … then again, in a rotated order) so that the machine's noise spreads over all of
-them; figures are medians with min–max, throughput ratios are taken within each repetition
-(then their median), and the targets are judged on medians.
+(from the repository root). Every contender is a real process launched from here (the daemon
+through its CLI, the others as `python -m bench.NAME`), so all pay the same process costs; their
+timings come from the JSON lines they print (the daemon's log events, the markers of
+bench/common.py). One run interleaves them (A B C … then again, in a rotated order) so that
+the machine's noise spreads over all of them; figures are medians with min–max, throughput
+ratios are taken within each repetition (then their median), and the targets are judged on
+medians.
 
 1. Throughput, MNIST MLP 784-500-10, Adam, batch 100, one epoch per process: seconds from the
    start of training to the end of the epoch (training, test evaluation, and the checkpoint
@@ -46,10 +47,11 @@ them; figures are medians with min–max, throughput ratios are taken within eac
    50 steps in until rank 0's emergency checkpoint is durable, against 2 steps (the agreement acts
    at most two step boundaries after a signal) + 1.25 × a raw save of that checkpoint.
 
-Writes bench/results/latest.json and prints a table with a PASS/FAIL per target. The code:
-processes.py launches and reaps the contenders (through daemon/ops/child.py, the one reader of the
-event stream), scenarios.py runs the measurements, report.py turns the samples into figures,
-targets and tables.
+Writes bench/results/latest.json and prints a table with a PASS/FAIL per target; with
+`--update-docs`, writes the tables into docs/benchmark.md too, between its `bench:` markers.
+The code: processes.py launches and reaps the contenders (through daemon/ops/child.py, the one
+reader of the event stream), scenarios.py runs the measurements, report.py turns the samples
+into figures, targets and tables.
 """
 
 from __future__ import annotations
@@ -64,17 +66,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from processes import REPO
-from report import RESULTS, as_markdown, as_text, cpu_ticks, machine, provenance, summarize, tables, update_readme
-from scenarios import FULL, QUICK, Bench, Plan
+from bench.report import (
+    DOCS,
+    RESULTS,
+    as_markdown,
+    as_text,
+    cpu_ticks,
+    machine,
+    provenance,
+    summarize,
+    tables,
+    update_docs,
+)
+from bench.scenarios import FULL, QUICK, Bench, Plan
+from daemon.builtin.mnist_files import prepare_mnist
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="The benchmark (README, 'Benchmark').")
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description="The benchmark (docs/benchmark.md).")
     parser.add_argument("--quick", action="store_true", help="a smoke check: one repetition, fewer saves")
     parser.add_argument("--reps", type=int, help="repetitions of the MLP measurements")
     parser.add_argument("--big-reps", type=int, help="repetitions of the 100M-parameter measurements")
-    parser.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    parser.add_argument("--update-docs", action="store_true", help="write the tables into docs/benchmark.md too")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()), help="room for ~5 GB of checkpoints"
@@ -82,9 +95,6 @@ def main() -> int:
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     plan = Plan(**{**plan.__dict__, **{k: v for k, v in (("reps", args.reps), ("big_reps", args.big_reps)) if v}})
-
-    sys.path.insert(0, str(REPO))
-    from daemon.builtin.mnist_files import prepare_mnist
 
     started, ticks = time.time(), cpu_ticks()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,12 +105,12 @@ def main() -> int:
         bench.run(lambda message: print(f"[{time.time() - started:6.1f} s] {message}", file=sys.stderr, flush=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    spent = [after - before for before, after in zip(ticks, cpu_ticks())]
+    spent = [after - before for before, after in zip(ticks, cpu_ticks(), strict=False)]
     steal = spent[7] / max(sum(spent), 1)  # /proc/stat: user nice system idle iowait irq softirq steal
     figures, checks = summarize(bench.samples)
     info = {
-        "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
-        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="minutes"),
+        "command": " ".join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]]),
+        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="minutes"),
         "wall_s": round(time.time() - started, 1),
         "plan": plan.__dict__,
         "machine": machine(),
@@ -109,9 +119,9 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**info, "figures": figures, "targets": checks, "samples": bench.samples}, indent=2))
     print("\n\n".join([provenance(info), *map(as_text, tables(figures, checks))]))
-    if args.update_readme:
-        update_readme("\n\n".join([provenance(info), *map(as_markdown, tables(figures, checks))]))
-    print(f"\nwritten: {args.out}" + (" and README.md" if args.update_readme else ""))
+    if args.update_docs:
+        update_docs("\n\n".join([provenance(info), *map(as_markdown, tables(figures, checks))]))
+    print(f"\nwritten: {args.out}" + (f" and {DOCS.relative_to(DOCS.parents[1])}" if args.update_docs else ""))
     return 0 if all(check["pass"] for check in checks) else 1
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.processes import CONFIG, REPO, PeakRSS, daemon, finish, script, step_s
 from daemon.ops.child import START, TrainerChild, event_time
-from processes import BENCH, CONFIG, REPO, PeakRSS, daemon, finish, script, step_s
 
 BIG_HIDDEN = [5600, 5600, 5600, 5600]  # 98.5M parameters
 TINY_PROGRESS = {"log.progress_every_seconds": 0.001}  # a `progress` event after every step
@@ -42,7 +42,12 @@ DAEMON_POLICIES = {
 }
 RANKS = 2
 # Both sides of the several-ranks comparison run one thread per rank (torchrun's default), no checkpoints.
-DDP_DAEMON = {"dist.nproc_per_node": RANKS, "train.cpu_threads": 1, "checkpoint.every_steps": 0, "checkpoint.every_seconds": 0}
+DDP_DAEMON = {
+    "dist.nproc_per_node": RANKS,
+    "train.cpu_threads": 1,
+    "checkpoint.every_steps": 0,
+    "checkpoint.every_seconds": 0,
+}
 DDP = ("ddp_plain", "ddp_agreement", "ddp_daemon")
 AGREEMENT_ROUNDS = 3  # plain_ddp.py --agreement: epochs, each with fresh copies of the model
 
@@ -101,7 +106,7 @@ class Bench:
     def one_epoch(self, contender: str, rep: int) -> tuple[TrainerChild, float]:
         """A plain loop's or the daemon's one-epoch run, finished; and the seconds of its epoch."""
         if contender in ("a", "a_tuned"):
-            child = finish(self.script("plain_loop.py", env=TUNED_ALLOCATOR if contender == "a_tuned" else None), 0)
+            child = finish(self.script("plain_loop", env=TUNED_ALLOCATOR if contender == "a_tuned" else None), 0)
             started = child.wait_for("train_started")
         else:
             run_dir = self.fresh_dir(f"{contender}-{rep}")
@@ -113,7 +118,7 @@ class Bench:
     def throughput(self, contender: str, rep: int) -> None:
         if contender == "b":
             self.seed_checkpoint(rep).unlink(missing_ok=True)
-            child = finish(self.script("seed_recipe.py", f"--checkpoint={self.seed_checkpoint(rep)}"), 0)
+            child = finish(self.script("seed_recipe", f"--checkpoint={self.seed_checkpoint(rep)}"), 0)
             started = child.wait_for("train_started")
             self.record("restart.seed_fresh", event_time(child.wait_for("first_step")) - child.launched)
             seconds = event_time(child.wait_for("epoch_completed")) - event_time(started)
@@ -151,7 +156,7 @@ class Bench:
 
     def task(self, contender: str, rep: int) -> None:
         if contender == "cnn_plain":
-            child = finish(self.script("plain_cnn.py"), 0)
+            child = finish(self.script("plain_cnn"), 0)
             started = child.wait_for("train_started")
         else:
             run_dir = self.fresh_dir(f"{contender}-{rep}")
@@ -166,7 +171,7 @@ class Bench:
     # -- 2 and 3. restart and emergency, MLP ------------------------------------------------
 
     def restarts(self, rep: int) -> None:
-        seed = self.script("seed_recipe.py", f"--checkpoint={self.seed_checkpoint(rep)}", "--epochs=2")
+        seed = self.script("seed_recipe", f"--checkpoint={self.seed_checkpoint(rep)}", "--epochs=2")
         seed.wait_for("train_started", epoch=1)  # it did resume
         self.record("restart.seed_resume", event_time(seed.wait_for("first_step")) - seed.launched)
         seed.signal(signal.SIGKILL)
@@ -213,7 +218,9 @@ class Bench:
             cut_short = any(path.name.startswith(".tmp-ckpt-") for path in (run_dir / "checkpoints").iterdir())
             if cut_short:
                 break
-        status = TrainerChild.cli("status", "--json", f"--config={CONFIG}", f"--set=checkpoint.dir={run_dir / 'checkpoints'}", cwd=REPO)
+        status = TrainerChild.cli(
+            "status", "--json", f"--config={CONFIG}", f"--set=checkpoint.dir={run_dir / 'checkpoints'}", cwd=REPO
+        )
         finish(status, 0)
         report = json.loads("".join(status.lines))
         self.record("durability.sigkill", {
@@ -227,7 +234,8 @@ class Bench:
     def raw_save(self, model: str, checkpoint: Path, repeats: int, pause_s: float) -> None:
         argv = [
             sys.executable,
-            str(BENCH / "raw_save.py"),
+            "-m",
+            "bench.raw_save",
             str(checkpoint),
             f"--repeats={repeats}",
             f"--pause={pause_s}",
@@ -271,13 +279,13 @@ class Bench:
 
     def big_plain(self) -> None:
         child = self.script(
-            "plain_loop.py", f"--hidden={','.join(map(str, BIG_HIDDEN))}", f"--steps={self.plan.big_plain_steps}"
+            "plain_loop", f"--hidden={','.join(map(str, BIG_HIDDEN))}", f"--steps={self.plan.big_plain_steps}"
         )
         finish(child, 0)
         self.record("memory.big_plain.max_rss", child.max_rss_bytes)
 
     def ddp_epoch(self, contender: str) -> None:
-        """One epoch of two ranks: the daemon (its launcher starts them) or bench/plain_ddp.py
+        """One epoch of two ranks: the daemon (its launcher starts them) or bench.plain_ddp
         under torchrun; or (ddp_agreement) the agreement's cost, plain_ddp.py's side-by-side measure."""
         if contender == "ddp_agreement":
             child = self.plain_ddp("--agreement", f"--epochs={AGREEMENT_ROUNDS}")
@@ -299,8 +307,10 @@ class Bench:
         self.record(f"ddp.{contender}.max_rss", max(rss))
 
     def plain_ddp(self, *extra: str) -> TrainerChild:
-        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", str(BENCH / "plain_ddp.py")]
-        child = TrainerChild([sys.executable, *argv, f"--data-root={self.data}", *extra], REPO, {"OMP_NUM_THREADS": "1"})
+        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", "-m", "bench.plain_ddp"]
+        child = TrainerChild(
+            [sys.executable, *argv, f"--data-root={self.data}", *extra], REPO, {"OMP_NUM_THREADS": "1"}
+        )
         return finish(child, 0)
 
     def ddp_stop(self) -> None:
@@ -332,7 +342,7 @@ class Bench:
                 log("SIGKILL during a background write")
                 self.sigkill_during_background_write()
             if rep < self.plan.contended_reps:
-                for contender in CONTENDED[shift % len(CONTENDED):] + CONTENDED[:shift % len(CONTENDED)]:
+                for contender in CONTENDED[shift % len(CONTENDED) :] + CONTENDED[: shift % len(CONTENDED)]:
                     log(f"rep {rep + 1}/{self.plan.reps}: shared machine, {contender}")
                     self.contended(contender, rep)
             if rep < self.plan.task_reps:
@@ -346,7 +356,7 @@ class Bench:
                 log(f"rep {rep + 1}/{self.plan.reps}: 100M model, plain loop")
                 self.big_plain()
             if rep < self.plan.ddp_reps:
-                for contender in DDP[rep % len(DDP):] + DDP[:rep % len(DDP)]:
+                for contender in DDP[rep % len(DDP) :] + DDP[: rep % len(DDP)]:
                     log(f"rep {rep + 1}/{self.plan.reps}: two ranks, {contender}")
                     self.ddp_epoch(contender)
                 log(f"rep {rep + 1}/{self.plan.reps}: two ranks, SIGTERM to the launcher")
@@ -355,5 +365,3 @@ class Bench:
 
 def newest_checkpoint(run_dir: Path) -> Path:
     return max((run_dir / "checkpoints").glob("ckpt-*.pt"))  # names sort by global step
-
-

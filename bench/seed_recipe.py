@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from common import BATCH_SIZE, EVAL_BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
+from bench.common import BATCH_SIZE, EVAL_BATCH_SIZE, arguments, emit, hidden_widths, mlp, train_step
 
 
 @torch.inference_mode()

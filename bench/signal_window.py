@@ -7,7 +7,7 @@ dies of the signal got it before the handlers were installed; one that exits wit
 `--entry floor` is the same for a bare interpreter whose first statement installs handlers: the
 part of the window that no code of ours can close.
 
-    .venv/bin/python bench/signal_window.py [--entry module|script|floor] [--repeat N]
+    .venv/bin/python -m bench.signal_window [--entry module|script|floor] [--repeat N]
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     missing = Path(tempfile.mkdtemp()) / "missing.yaml"
     argv = command(args.entry, missing)
-    print(f"{' '.join(argv[:4])}: trials per cell {args.repeat}; killed+traceback / trials; load {os.getloadavg()[0]:.2f}")
+    print(
+        f"{' '.join(argv[:4])}: trials per cell {args.repeat}; killed+traceback / trials; load {os.getloadavg()[0]:.2f}"
+    )
     print("delay ms  " + "  ".join(f"{signal.Signals(s).name:>8}" for s in SIGNALS))
     window = 0
     for delay in DELAYS_MS:

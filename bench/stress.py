@@ -1,6 +1,6 @@
 """Exactness under CPU contention: `trainer verify` many times while busy loops compete for every core.
 
-    .venv/bin/python bench/stress.py [--runs 100] [--parallel 2] [--hogs N] [--steps 60]
+    .venv/bin/python -m bench.stress [--runs 100] [--parallel 2] [--hogs N] [--steps 60]
 
 Each run is one `trainer verify` of a small configuration (MNIST subset, dropout on, 40 steps an
 epoch), alternately with 0 and 2 DataLoader workers: an unbroken run and one interrupted by
@@ -37,7 +37,9 @@ SMALL = {
 def verify_once(index: int, workdir: Path, data_root: Path, steps: int) -> dict:
     workers = 2 * (index % 2)
     config = workdir / f"run-{index}.yaml"
-    config.write_text(yaml.safe_dump({**SMALL, "data": {**SMALL["data"], "root": str(data_root), "num_workers": workers}}))
+    config.write_text(
+        yaml.safe_dump({**SMALL, "data": {**SMALL["data"], "root": str(data_root), "num_workers": workers}})
+    )
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "verify", "--config", str(config), "--steps", str(steps), "--json"],
@@ -68,7 +70,7 @@ def main() -> int:
     prepare_mnist(data_root, download=False)
     hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(args.hogs)]
     runs = []
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     try:
         with ThreadPoolExecutor(args.parallel) as pool:
             for run in pool.map(lambda i: verify_once(i, workdir, data_root, args.steps), range(args.runs)):

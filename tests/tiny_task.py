@@ -70,7 +70,7 @@ class TinyTask:
         prediction = model(inputs)
         loss = F.mse_loss(prediction.float(), targets)
         with torch.no_grad():
-            for average, parameter in zip(self.average, model.parameters()):
+            for average, parameter in zip(self.average, model.parameters(), strict=False):
                 average.lerp_(parameter.detach().float(), 0.1)
         return loss, {"abs_error": (prediction.float() - targets).abs().mean()}
 
@@ -79,7 +79,11 @@ class TinyTask:
         return {self.metric: F.mse_loss(model(inputs).float(), targets).item()}
 
     def state_dict(self) -> dict:
-        return {"average": [tensor.clone() for tensor in self.average], "steps": self.steps, "inputs_seen": self.inputs_seen}
+        return {
+            "average": [tensor.clone() for tensor in self.average],
+            "steps": self.steps,
+            "inputs_seen": self.inputs_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.average = [tensor.clone() for tensor in state["average"]]

@@ -7,6 +7,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -38,6 +39,30 @@ def ranks(nproc: int) -> dict:
     return {**DIST_SETTINGS, "dist.nproc_per_node": nproc}
 
 
+# Epochs of a run that ends only when the test ends it (a signal once it saw what it waits for, a
+# kill at the end), or at a `train.max_steps` it sets: never a count of work the test assumes to
+# outlast it, which a fast machine gets through first.
+UNTIL_STOPPED = 1_000_000
+
+# What SMALL_SETTINGS sets for the built-in MLP, back to the defaults: a task takes its own options.
+NOT_BUILTIN = {"data.train_subset": None, "data.test_subset": None, "model.dropout": 0.0}
+TINY_TASK = Path(__file__).resolve().parent / "tiny_task.py"
+# The tiny task with every training feature on (tests/process/test_task.py, tests/dist/test_dist.py).
+TINY = {
+    **NOT_BUILTIN,
+    "task.entry": f"{TINY_TASK}:build",
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.grad_accum_steps": 3,  # 30 batches an epoch: 10 optimizer steps
+    "train.precision": "bf16",
+    "optim.clip_grad_norm": 0.5,
+    "optim.warmup_steps": 4,
+    "optim.scheduler": {"name": "step", "step_size": 3, "gamma": 0.7, "interval": "step"},
+    "checkpoint.every_steps": 3,
+    "log.progress_every_seconds": 0.001,  # a progress event every step
+}
+
+
 @dataclass
 class RunConfig:
     workdir: Path
@@ -61,12 +86,29 @@ class RunConfig:
 class TrainerProcess(TrainerChild):
     """The real CLI on a RunConfig's files, in its own session (process group)."""
 
+    started: ClassVar[list[TrainerProcess]] = []  # since the last kill_leftovers()
+
     @classmethod
     def start(
-        cls, config: RunConfig, *extra: str, command: str = "run", wrapper: tuple[str, ...] = (), env: dict | None = None
+        cls,
+        config: RunConfig,
+        *extra: str,
+        command: str = "run",
+        wrapper: tuple[str, ...] = (),
+        env: dict | None = None,
     ) -> TrainerProcess:
         path = config.write()
-        return cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, env=env, wrapper=wrapper)
+        process = cls.cli(command, "--config", str(path), *extra, cwd=config.workdir, env=env, wrapper=wrapper)
+        cls.started.append(process)
+        return process
+
+    @classmethod
+    def kill_leftovers(cls) -> None:
+        """SIGKILL to the process group of every process started since the last call that still
+        runs: one a failed test did not get to stop (tests/conftest.py calls this after each test)."""
+        while cls.started:
+            with contextlib.suppress(ProcessLookupError):  # reaped already, its group gone
+                cls.started.pop().kill()
 
 
 @contextlib.contextmanager

@@ -51,7 +51,11 @@ CREDENTIALS = struct.Struct("3i")  # struct ucred: the sender's pid, uid, gid
 
 class _Agent(LocalElasticAgent):
     """torch's local agent, reading a group in which every rank ended with a final exit as
-    finished: its failure path would restart the group."""
+    finished: its failure path would restart the group.
+
+    Both methods are torch's private ones (2.14 has no public restart policy or restart hook): how
+    its run loop calls them is checked by tests/unit/test_elastic_agent_hooks.py, and pyproject.toml
+    bounds torch to the versions that test passed on."""
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)

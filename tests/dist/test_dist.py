@@ -13,9 +13,8 @@ import time
 import pytest
 
 from daemon.ops.child import START
-from test_task import TINY
 from trainer_proc import DIST_SETTINGS as SETTINGS
-from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, ranks, run_to_end
+from trainer_proc import TINY, UNTIL_STOPPED, TrainerProcess, assert_same_training, final_checkpoint, ranks, run_to_end
 
 
 def kill_ranks(pids: list[int]) -> None:
@@ -27,7 +26,9 @@ def kill_ranks(pids: list[int]) -> None:
             pass
 
 
-def signal_a_rank(process: TrainerProcess, pids: list[int], target: int, signum: int, at_step: int, expect: int) -> None:
+def signal_a_rank(
+    process: TrainerProcess, pids: list[int], target: int, signum: int, at_step: int, expect: int
+) -> None:
     """Once rank 0's checkpoint at `at_step` is durable, `signum` to the process `target`; the
     launcher must then exit `expect`."""
     try:
@@ -206,7 +207,7 @@ def watchdog_pets(sock: socket.socket, seconds: float) -> int:
 def test_the_watchdog_follows_every_ranks_progress(run_config, tmp_path):
     """The launcher pets systemd's watchdog only while every rank trains: with one rank frozen
     (the other then waits in a collective), the pets stop, and WatchdogSec= would restart the unit."""
-    run_config.settings = {**ranks(2), "train.epochs": 100}
+    run_config.settings = {**ranks(2), "train.epochs": UNTIL_STOPPED}  # killed at the end
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(str(tmp_path / "notify"))
         watchdog = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}

@@ -15,7 +15,14 @@ import torch
 
 from daemon.errors import ExitCode, IncompatibleCheckpoint
 from daemon.train.loop import Trainer
-from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, in_process_trainer, run_to_end
+from trainer_proc import (
+    RunConfig,
+    TrainerProcess,
+    assert_same_training,
+    final_checkpoint,
+    in_process_trainer,
+    run_to_end,
+)
 
 
 def _set(path: tuple, value):
@@ -36,23 +43,35 @@ FORGERIES = {
     "epoch as a word": (_set(("epoch",), "one"), "epoch: int expected, found 'one'"),
     "truncated data order": (_set(("data", "order"), lambda o: o[:-1]), "data.order: shape"),
     "step far beyond the epoch": (_set(("step_in_epoch",), 10**6), "step_in_epoch: 1000000 is outside"),
-    "weights as float64": (_set(("state_dict", "0.bias"), lambda b: b.double()), "state_dict.0.bias: dtype torch.float64"),
+    "weights as float64": (
+        _set(("state_dict", "0.bias"), lambda b: b.double()),
+        "state_dict.0.bias: dtype torch.float64",
+    ),
     "parameter missing": (lambda s: s["state_dict"].pop("0.bias"), "state_dict: keys missing: 0.bias"),
     "unknown top-level key": (_set(("payload",), 1), "unexpected keys: payload"),
     "optimizer state of another shape": (
-        _set(("optimizer", "state", 0, "exp_avg"), lambda t: t[:1]), "optimizer.state.0.exp_avg: shape"),
+        _set(("optimizer", "state", 0, "exp_avg"), lambda t: t[:1]),
+        "optimizer.state.0.exp_avg: shape",
+    ),
     "optimizer state for a parameter the model lacks": (
-        _set(("optimizer", "state", 99), {}), "state for parameters this model lacks: [99]"),
-    "optimizer state missing after training": (
-        lambda s: s["optimizer"]["state"].pop(1), "no state for parameters [1]"),
+        _set(("optimizer", "state", 99), {}),
+        "state for parameters this model lacks: [99]",
+    ),
+    "optimizer state missing after training": (lambda s: s["optimizer"]["state"].pop(1), "no state for parameters [1]"),
     "forged betas": (_set(("optimizer", "param_groups", 0, "betas"), (2.0, 0.999)), "param_groups[0].betas"),
-    "infinite learning rate": (_set(("optimizer", "param_groups", 0, "lr"), float("inf")), "inf is not a finite number"),
+    "infinite learning rate": (
+        _set(("optimizer", "param_groups", 0, "lr"), float("inf")),
+        "inf is not a finite number",
+    ),
     "scheduler missing": (_set(("scheduler",), None), "scheduler: a mapping expected"),
     "scheduler an epoch behind": (_set(("scheduler", "last_epoch"), 0), "scheduler.last_epoch: 0, expected 1"),
     "samples that do not add up": (_set(("metrics", "samples"), 7), "metrics.samples: 7"),
     "history too short": (_set(("history",), []), "history: must list"),
     "negative loss": (_set(("metrics", "loss_sum"), -1.0), "metrics.loss_sum: is negative"),
-    "order with a repeated sample": (_set(("data", "order"), lambda o: torch.cat([o[:1], o[:-1]])), "not a permutation"),
+    "order with a repeated sample": (
+        _set(("data", "order"), lambda o: torch.cat([o[:1], o[:-1]])),
+        "not a permutation",
+    ),
     "order of another epoch": (_set(("data", "epoch"), 7), "data.epoch: 7"),
     "order for another batch size": (_set(("data", "batch_size"), 50), "data.batch_size: 50"),
     "invalid torch generator state": (_set(("rng", "torch"), lambda t: torch.full_like(t, 255)), "rng.torch:"),
@@ -86,7 +105,7 @@ def test_forged_checkpoints_are_set_aside_and_the_run_resumes_exactly(run_config
     run_to_end(run_config)
     directory = run_config.checkpoint_dir
     forged = sorted(directory.glob("ckpt-*.pt"), reverse=True)[: len(REPORTED)]  # steps 40 (final) down to 15
-    for path, name in zip(forged, REPORTED):
+    for path, name in zip(forged, REPORTED, strict=False):
         forge(path, FORGERIES[name][0])
     newest, oldest = directory / "ckpt-0000000045-periodic.pt", directory / "ckpt-0000000001-periodic.pt"
     newest.mkdir()
@@ -97,7 +116,7 @@ def test_forged_checkpoints_are_set_aside_and_the_run_resumes_exactly(run_config
 
     reported = [(event["path"], event["reason"], event["moved_to"]) for event in rerun.events("checkpoint_invalid")]
     assert reported[0] == (f"checkpoints/{newest.name}", "not a regular file; left in place", None)
-    for (path, reason, moved_to), file, name in zip(reported[1:], forged, REPORTED):
+    for (path, reason, moved_to), file, name in zip(reported[1:], forged, REPORTED, strict=False):
         assert path == f"checkpoints/{file.name}" and moved_to == path + ".invalid", reported
         assert FORGERIES[name][1] in reason, (name, reason)
     assert len(reported) == 1 + len(REPORTED)
@@ -201,13 +220,15 @@ def assert_loaded_exactly(actual, expected, where="checkpoint") -> None:
             assert_loaded_exactly(actual[key], expected[key], f"{where}.{key}")
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected)):
+        for index, (a, e) in enumerate(zip(actual, expected, strict=False)):
             assert_loaded_exactly(a, e, f"{where}[{index}]")
     else:
         assert actual == expected and type(actual) is type(expected), f"{where}: {actual!r} != {expected!r}"
 
 
-def outcome(run: InProcessRun, forged: bytes, content: dict, real: bool = False, may_be_incompatible: bool = False) -> str:
+def outcome(
+    run: InProcessRun, forged: bytes, content: dict, real: bool = False, may_be_incompatible: bool = False
+) -> str:
     """Resume from `forged`, whose content is `content` if it loads (`real`: the real checkpoint's):
     either it is used exactly (its content is what the trainer's objects hold) or it is set aside
     with checkpoint_invalid and the fallback is used; then train to the end."""
@@ -295,8 +316,16 @@ def _replacements(value, rng: random.Random) -> list:
         changed = flat.clone()
         if len(changed):
             changed[rng.randrange(len(changed))] = 1 if value.dtype != torch.bool else True
-        options += [value.double(), value.long(), value.to(torch.uint8), flat[:-1], value.unsqueeze(0),
-                    torch.cat([flat, flat[:1]]), changed.view_as(value), value.t() if value.dim() == 2 else value * 2]
+        options += [
+            value.double(),
+            value.long(),
+            value.to(torch.uint8),
+            flat[:-1],
+            value.unsqueeze(0),
+            torch.cat([flat, flat[:1]]),
+            changed.view_as(value),
+            value.t() if value.dim() == 2 else value * 2,
+        ]
     elif isinstance(value, bool):
         options += [not value, int(value)]
     elif isinstance(value, int):
@@ -310,8 +339,12 @@ def _replacements(value, rng: random.Random) -> list:
         dropped.pop(rng.choice(list(value)))
         options += [dropped, {**value, "extra": 1}, list(value.values())]
     elif isinstance(value, (list, tuple)) and value:
-        options += [value[:-1], type(value)([*value, value[-1]]), type(value)(reversed(value)),
-                    tuple(value) if isinstance(value, list) else list(value)]
+        options += [
+            value[:-1],
+            type(value)([*value, value[-1]]),
+            type(value)(reversed(value)),
+            tuple(value) if isinstance(value, list) else list(value),
+        ]
     return options  # fmt: skip
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from daemon.errors import ExitCode
 from daemon.ops.child import event_time
 from daemon.service.contention import QUIET_CPUS, QUIET_FOR_S, SHARED_CPUS
-from daemon.errors import ExitCode
-from trainer_proc import TrainerProcess, assert_same_training, busy_loops, final_checkpoint
+from trainer_proc import UNTIL_STOPPED, TrainerProcess, assert_same_training, busy_loops, final_checkpoint, run_to_end
 
 SETTINGS = {"train.cpu_wait": "auto", "train.cpu_threads": 2, "log.progress_every_seconds": 1}
 
@@ -33,14 +33,17 @@ def processes_running(config: Path) -> list[int]:
 def test_busy_work_makes_a_spinning_run_hand_over_exactly(run_config, reference_runs):
     """Started on a quiet machine the run spins (`active`); busy loops beside it make it checkpoint
     and hand over to a fresh process (same PID) that sleeps at barriers (`bounded`), leaving no
-    DataLoader worker behind; the run then ends bitwise equal to an unbroken one."""
-    settings = {**SETTINGS, "train.epochs": 50, "data.num_workers": 2}  # 2000 steps: seconds of them beside the loops
+    DataLoader worker behind. Stopped there, then resumed for a few steps more, the run ends
+    bitwise equal to an unbroken one."""
+    settings = {**SETTINGS, "train.epochs": UNTIL_STOPPED, "data.num_workers": 2}  # ends when the test stops it
     run_config.settings = settings
     process = TrainerProcess.start(run_config)
     start = process.wait_for("determinism")
     if start["cpu_wait_in_force"] != "active":
         process.kill()
-        pytest.skip(f"other work used {start['others_cpus']} CPUs at start: the run chose bounded, nothing to switch from")
+        pytest.skip(
+            f"other work used {start['others_cpus']} CPUs at start: the run chose bounded, nothing to switch from"
+        )
     assert start["cpu_wait_switching"] is True
     with busy_loops():
         switch = process.wait_for("cpu_wait_switch", to="bounded")
@@ -51,15 +54,21 @@ def test_busy_work_makes_a_spinning_run_hand_over_exactly(run_config, reference_
         assert successor["cpu_wait_in_force"] == "bounded" and successor["environment"]["GOMP_SPINCOUNT"] == "1000"
         workers = set(processes_running(run_config.workdir / "config.yaml")) - {process.pid}
         assert len(workers) <= 2, f"DataLoader workers of the first image outlived it: {sorted(workers)}"
-    assert process.wait() == ExitCode.COMPLETE, process.output()
-    expected = reference_runs(**{**settings, "train.cpu_wait": "bounded"})
+    process.signal(signal.SIGTERM)
+    assert process.wait() == ExitCode.STOPPED, process.output()
+    (stopped,) = process.events("stopped")
+
+    run_config.settings = {**settings, "train.max_steps": stopped["global_step"] + 20}  # a resume may change it
+    run_to_end(run_config)
+
+    expected = reference_runs(**{**run_config.settings, "train.cpu_wait": "bounded"})
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), expected)
 
 
 def test_a_sleeping_run_hands_back_to_spinning_once_the_machine_is_quiet(run_config):
     """Started beside busy loops the run sleeps at barriers (`bounded`); once they are gone and the
     CPUs stay quiet for QUIET_FOR_S, it hands over to a process that spins (`active`)."""
-    run_config.settings = {**SETTINGS, "data.train_subset": 20000, "train.epochs": 100}  # far longer than the test
+    run_config.settings = {**SETTINGS, "data.train_subset": 20000, "train.epochs": UNTIL_STOPPED}  # stopped below
     with busy_loops():
         process = TrainerProcess.start(run_config)
         start = process.wait_for("determinism")
@@ -85,4 +94,3 @@ def test_a_sleeping_run_hands_back_to_spinning_once_the_machine_is_quiet(run_con
     process.wait_for("epoch_started")
     process.signal(signal.SIGTERM)
     assert process.wait() == ExitCode.STOPPED, process.output()
-

@@ -10,7 +10,7 @@ CONFIG_ERROR = 78
 
 # A user's model calling an op without a deterministic kernel (a C++ extension's, say), which
 # refuses as torch's own do (all of those are CUDA ops) when deterministic algorithms are on.
-NONDETERMINISTIC_OP = '''
+NONDETERMINISTIC_OP = """
 import torch
 
 _forward = torch.nn.Linear.forward
@@ -26,7 +26,7 @@ def forward(self, x):
 
 
 torch.nn.Linear.forward = forward
-'''
+"""
 
 
 def test_determinism_event_reports_what_torch_runs_with(run_config):

@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from daemon.ckpt.history import HISTORY_FILE, HistoryReader
 from daemon.errors import ExitCode
-from daemon.ckpt.history import HISTORY_FILE, read_records
 from trainer_proc import RunConfig, TrainerProcess, in_process_trainer, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 5, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}
 MOMENT = ("time", "seconds")  # when a record was written and how long an epoch took: not the run's content
 
 
+def read_history(directory: Path) -> tuple[list[dict], int]:
+    """The records of a run directory's history, and how many lines were dropped."""
+    reader = HistoryReader(directory)
+    return list(reader), reader.dropped
+
+
 def training_records(directory: Path) -> list[dict]:
-    records, dropped = read_records(directory / HISTORY_FILE)
+    records, dropped = read_history(directory)
     assert dropped == 0
     return [
         {key: value for key, value in record.items() if key not in MOMENT}
@@ -42,7 +48,11 @@ def test_an_unbroken_run_records_the_loss_every_n_steps_and_each_epoch(unbroken)
     steps = [record["global_step"] for record in unbroken if record["record"] == "train"]
     assert steps == list(range(5, 121, 5))
     evals = [record for record in unbroken if record["record"] == "eval"]
-    assert [(e["epoch"], e["global_step"], e["headline"]) for e in evals] == [(1, 40, "test_accuracy"), (2, 80, "test_accuracy"), (3, 120, "test_accuracy")]
+    assert [(e["epoch"], e["global_step"], e["headline"]) for e in evals] == [
+        (1, 40, "test_accuracy"),
+        (2, 80, "test_accuracy"),
+        (3, 120, "test_accuracy"),
+    ]
     assert all(0 < e["test_accuracy"] <= 1 and e["train_loss"] > 0 for e in evals)
 
 
@@ -62,16 +72,16 @@ def test_an_interrupted_run_has_the_unbroken_runs_history(run_config, unbroken, 
 
     assert training_records(run_config.checkpoint_dir) == unbroken
     (resumed,) = rerun.events("resumed")
-    records, _ = read_records(run_config.checkpoint_dir / HISTORY_FILE)
+    records, _ = read_history(run_config.checkpoint_dir)
     (resume,) = [record for record in records if record["record"] == "resume"]
     assert (resume["kind"], resume["global_step"]) == (resumed["kind"], resumed["global_step"])
-    assert resume["steps_redone"] == resumed.get("steps_redone")
+    assert resume["steps_lost"] == resumed.get("steps_lost")
     marks = [record for record in records if record["record"] == "checkpoint"]
     if stop == "SIGTERM":
         assert resumed["kind"] == "emergency"
         assert [(m["kind"], m["global_step"]) for m in marks] == [("emergency", resumed["global_step"])]
     else:
-        assert resumed["kind"] == "periodic" and resume["steps_redone"] >= 7
+        assert resumed["kind"] == "periodic" and resume["steps_lost"] >= 7
         assert marks == []
 
 
@@ -102,7 +112,9 @@ def test_plot_draws_an_interrupted_run_over_an_unbroken_one(run_config, unbroken
     run_to_end(run_config)
     out = run_config.workdir / "plot.png"
 
-    plot = TrainerProcess.start(run_config, "--out", str(out), str(unbroken_dir), str(run_config.checkpoint_dir), command="plot")
+    plot = TrainerProcess.start(
+        run_config, "--out", str(out), str(unbroken_dir), str(run_config.checkpoint_dir), command="plot"
+    )
 
     assert plot.wait() == 0, plot.output()
     (written,) = plot.events("plot_written")
@@ -130,7 +142,7 @@ def test_each_epoch_checkpoint_finds_its_evaluation_already_recorded(run_config)
     write = store.save
 
     def save_and_look(state: dict):
-        records, _ = read_records(store.directory / HISTORY_FILE)
+        records, _ = read_history(store.directory)
         here = (state["global_step"], state["epoch"])
         if state["kind"] in ("epoch", "final") and not any(
             r["record"] == "eval" and (r["global_step"], r["epoch"]) == here for r in records

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from forged_archives import TIB, sparse_zip64
-from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 from daemon.ckpt.store import A_LINK
+from forged_archives import TIB, sparse_zip64
+from trainer_proc import RunConfig, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 LAST_REAL_STEP = 20
 LOOP, DANGLING, INWARD, SPARSE = (f"ckpt-00000000{step}-periodic.pt" for step in (24, 23, 22, 21))

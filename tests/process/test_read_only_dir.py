@@ -9,10 +9,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from trainer_proc import RunConfig, TrainerProcess, run_to_end
+
+TESTS = Path(__file__).resolve().parents[1]  # checkpoint_files.py, for a child process
 
 CANT_WRITE = 73
 
@@ -35,7 +38,9 @@ def can_mount(tmp_path_factory) -> None:
 
 @pytest.fixture(scope="module")
 def previous_run(mnist_root, tmp_path_factory, can_mount) -> RunConfig:
-    config = RunConfig(tmp_path_factory.mktemp("previous"), mnist_root, {"train.epochs": 1, "checkpoint.every_steps": 10})
+    config = RunConfig(
+        tmp_path_factory.mktemp("previous"), mnist_root, {"train.epochs": 1, "checkpoint.every_steps": 10}
+    )
     run_to_end(config)
     return config
 
@@ -82,11 +87,11 @@ def test_store_reports_the_original_error_not_the_clean_up_one(tmp_path, can_mou
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {str(TESTS)!r})
         from daemon.ckpt.store import CheckpointStore
         from daemon.errors import CheckpointWriteError
         from daemon.ckpt.logged_step import LoggedStep
-        from test_checkpoint_store import make_state
+        from checkpoint_files import make_state
         store = CheckpointStore(Path({str(tmp_path)!r}), keep_last=1)
         results = {{}}
         for name, attempt in {{

@@ -30,7 +30,7 @@ def test_sigkill_mid_epoch_resumes_exactly(run_config, reference_runs, workers):
     (resumed,) = resumed_run.events("resumed")
     assert resumed["epoch"] == 1 and resumed["step_in_epoch"] > 0, resumed
     assert resumed["global_step"] == STEPS_PER_EPOCH + resumed["step_in_epoch"]
-    assert resumed["steps_redone"] >= 0
+    assert resumed["steps_lost"] >= 0
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs())
 
 
@@ -90,7 +90,13 @@ def test_more_epochs_continue_a_completed_run_exactly(run_config, reference_runs
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("train.batch_size", 50), ("train.seed", 1), ("model.hidden", [100]), ("data.shuffle", False), ("optim.name", "sgd")],
+    [
+        ("train.batch_size", 50),
+        ("train.seed", 1),
+        ("model.hidden", [100]),
+        ("data.shuffle", False),
+        ("optim.name", "sgd"),
+    ],
 )
 def test_config_change_that_breaks_exactness_is_refused(run_config, setting, value):
     run_config.settings = {"train.epochs": 1}

@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 import time
 
-from trainer_proc import UNTIL_STOPPED, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
-
 from daemon.ops.child import event_time
+from trainer_proc import UNTIL_STOPPED, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 JUNK = ("ckpt-9999999990-periodic.pt", "ckpt-9999999991-periodic.pt")
 REAL = re.compile(r"ckpt-(\d{10})-[a-z_]+\.pt$")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import signal
 
-from trainer_proc import TrainerProcess, run_to_end
+from trainer_proc import UNTIL_STOPPED, TrainerProcess, run_to_end
 
 IN_USE = 69
 
@@ -18,7 +18,7 @@ def status(run_config) -> dict:
 
 
 def test_second_run_on_a_directory_in_use_exits_69_and_status_names_the_holder(run_config):
-    run_config.settings = {"train.epochs": 100, "checkpoint.every_steps": 1}  # saving at every step
+    run_config.settings = {"train.epochs": UNTIL_STOPPED, "checkpoint.every_steps": 1}  # a save a step; killed below
     first = TrainerProcess.start(run_config)
     try:
         first.wait_for("checkpoint_saved", checkpoint_global_step=3)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from daemon.ckpt.store import read_checkpoint
-from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
+from daemon.ops.child import event_time
+from trainer_proc import UNTIL_STOPPED, TrainerProcess, assert_same_training, final_checkpoint, run_to_end
 
 STOPPED = 75
 # ~5.6M parameters (a 67 MB checkpoint): a save long enough to signal during it; 15 steps, 1 epoch.
@@ -34,7 +35,7 @@ def resume_and_check_exact(run_config, reference_runs, emergency: dict | None, *
         assert resumed["kind"] == "emergency"
         assert resumed["global_step"] == emergency["checkpoint_global_step"]
         assert (resumed["epoch"], resumed["step_in_epoch"]) == (emergency["epoch"], emergency["step_in_epoch"])
-        assert resumed["steps_redone"] == 0  # nothing trained was lost
+        assert resumed["steps_lost"] == 0  # nothing trained was lost
     assert_same_training(final_checkpoint(run_config.checkpoint_dir), reference_runs(**reference))
 
 
@@ -149,7 +150,7 @@ def test_sigterm_during_a_background_save(run_config, reference_runs):
     resume_and_check_exact(run_config, reference_runs, emergency, **BIG_MODEL)
 
 
-def test_sigkill_resume_says_how_many_steps_are_redone(run_config):
+def test_sigkill_resume_says_how_many_logged_steps_were_lost(run_config):
     run_config.settings = {"checkpoint.every_steps": 20, "log.progress_every_seconds": 0.01}
     process = TrainerProcess.start(run_config)
     process.wait_for("checkpoint_saved", checkpoint_global_step=20)  # written in the background: durable now
@@ -161,7 +162,67 @@ def test_sigkill_resume_says_how_many_steps_are_redone(run_config):
 
     (resumed,) = rerun.events("resumed")
     assert resumed["global_step"] == 20
-    assert resumed["steps_redone"] >= last_logged - 20 >= 10
+    assert resumed["steps_lost"] >= last_logged - 20 >= 10
+
+
+def read_history(path: Path) -> list[dict]:
+    """The complete records of a metrics history (a run killed mid-line leaves a torn last one)."""
+    data = path.read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def wait_in_history(process: TrainerProcess, path: Path, found, silence: float = 90) -> None:
+    """Until `found(records)` holds for the history the run appends to, read as it grows; fails when
+    it stops growing for `silence` s (stuck) or the run ends."""
+    records: list[dict] = []
+    offset, grown_at = 0, time.monotonic()
+    while not found(records):
+        assert process.popen.poll() is None, f"the run ended first:\n{process.output()}"
+        assert time.monotonic() - grown_at < silence, f"the history did not grow for {silence} s"
+        time.sleep(0.05)
+        with path.open("rb") as file:
+            file.seek(offset)
+            data = file.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        if complete:
+            offset, grown_at = offset + len(complete), time.monotonic()
+            records += [json.loads(line) for line in complete.splitlines()]
+
+
+# Steps with no event for seconds: no progress event, no periodic save, epochs of 60,000 steps.
+QUIET = {"data.train_subset": None, "train.batch_size": 1, "train.epochs": UNTIL_STOPPED,
+         "log.progress_every_seconds": 1e6, "log.metrics_every_steps": 1}  # fmt: skip
+QUIET_S = 3.0  # the run trains this long after its last event before it is killed
+MARKER_LAG_S = 1.5  # the marker's lag allowed: MARK_EVERY_S (0.5), and a loaded machine's delays
+
+
+def test_sigkill_long_after_the_last_event_still_counts_the_steps_lost(run_config):
+    """The killed run trained for seconds after its last event (a checkpoint): its successor's
+    `steps_lost` counts the steps it trained, up to its marker's lag, read against what it really
+    trained (its own history, a line a step, each written before the step's mark)."""
+    run_config.settings = QUIET
+    history = run_config.checkpoint_dir / "metrics.jsonl"
+    process = TrainerProcess.start(run_config)
+    process.wait_for("epoch_started")
+    process.signal(signal.SIGUSR1)
+    process.wait_for("checkpoint_saved", kind="on_demand")
+
+    def quiet_long_enough(records: list[dict]) -> bool:
+        return bool(records) and records[-1]["time"] >= event_time(process.events()[-1]) + QUIET_S
+
+    wait_in_history(process, history, quiet_long_enough)
+    process.kill()
+    trained = {r["global_step"]: r["time"] for r in read_history(history) if r["record"] == "train"}
+
+    rerun = TrainerProcess.start(run_config)
+    resumed = rerun.wait_for("resumed")
+    rerun.kill()
+    marked = resumed["global_step"] + resumed["steps_lost"]
+    last = max(trained)
+    assert marked <= last, "more steps counted than were trained"
+    # Against the step before the last: the kill may fall between the last step's line and its mark.
+    lag = trained[last - 1] - trained[marked]
+    assert lag <= MARKER_LAG_S, f"{last - marked} trained steps ({lag:.2f} s of training) not counted"
 
 
 ONE_STEP_EPOCHS = {"data.train_subset": 100, "data.test_subset": 100, "optim.scheduler": {"name": "step", "gamma": 0.5}}
@@ -187,7 +248,13 @@ def test_emergency_checkpoint_on_an_epochs_last_step_resumes_exactly(run_config,
     """SIGTERM during the last step of an epoch: the emergency file holds the step, not the epoch's end;
     the resumed run completes that epoch and must save it, or it ends with an older scheduler and history."""
     # One step of 3000 samples through the big model: long enough that the signal lands during it.
-    run_config.settings = {**BIG_MODEL, **ONE_STEP_EPOCHS, "train.batch_size": 3000, "data.train_subset": 3000, "train.epochs": 2}
+    run_config.settings = {
+        **BIG_MODEL,
+        **ONE_STEP_EPOCHS,
+        "train.batch_size": 3000,
+        "data.train_subset": 3000,
+        "train.epochs": 2,
+    }
     process = TrainerProcess.start(run_config)
     process.wait_for("epoch_started")  # past the start-up check: the stop is acted on after the step
     process.signal(signal.SIGTERM)

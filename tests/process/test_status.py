@@ -8,7 +8,7 @@ import signal
 from daemon.config.sections import Config
 from daemon.errors import ExitCode
 from daemon.ops.status import report
-from trainer_proc import TrainerProcess, run_to_end
+from trainer_proc import UNTIL_STOPPED, TrainerProcess, run_to_end
 
 SETTINGS = {"log.metrics_every_steps": 2, "checkpoint.every_steps": 10, "log.progress_every_seconds": 0.001}
 
@@ -20,13 +20,13 @@ def status(run_config, *extra: str) -> str:
 
 
 def test_status_of_a_run_in_progress_names_its_pid_and_an_eta(run_config):
-    run_config.settings = {**SETTINGS, "train.epochs": 30}  # long enough to still run while status looks
+    run_config.settings = {**SETTINGS, "train.epochs": UNTIL_STOPPED}  # still running while status looks: killed below
     process = TrainerProcess.start(run_config)
     try:
         process.wait_for("checkpoint_saved", checkpoint_global_step=20)
         report = json.loads(status(run_config, "--json"))
         assert (report["run_in_progress"], report["run_pid"]) == (True, process.pid)
-        assert report["total_steps"] == 30 * 40 and not report["complete"]
+        assert report["total_steps"] == UNTIL_STOPPED * 40 and not report["complete"]
         assert report["eta_s"] > 0 and report["newest_checkpoint_age_s"] >= 0
         shown = status(run_config)
         assert f"a run holds this directory (PID {process.pid})" in shown and "ETA " in shown
@@ -57,8 +57,8 @@ def test_status_after_resumes_counts_them_and_lists_the_epochs(run_config):
 def test_status_beside_a_pruning_trainer_shows_no_pruned_file_as_invalid(run_config):
     """Retention deletes checkpoints while status reads them: a file gone since the listing was
     pruned, not broken, and status must neither call it invalid nor fail on it."""
-    run_config.settings = {**SETTINGS, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1, "train.epochs": 30,
-                           "checkpoint.dir": str(run_config.checkpoint_dir)}  # fmt: skip
+    run_config.settings = {**SETTINGS, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1,
+                           "train.epochs": UNTIL_STOPPED, "checkpoint.dir": str(run_config.checkpoint_dir)}  # fmt: skip
     process = TrainerProcess.start(run_config)
     try:
         process.wait_for("checkpoint_saved", checkpoint_global_step=5)

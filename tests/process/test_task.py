@@ -14,11 +14,17 @@ import pytest
 
 from daemon.errors import ExitCode
 from daemon.ops.verify import first_difference
-from trainer_proc import TrainerProcess, assert_same_training, final_checkpoint, run_to_end
+from trainer_proc import (
+    NOT_BUILTIN,
+    TINY,
+    TINY_TASK,
+    TrainerProcess,
+    assert_same_training,
+    final_checkpoint,
+    run_to_end,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-# What SMALL_SETTINGS sets for the built-in MLP, back to the defaults: a task takes its own options.
-NOT_BUILTIN = {"data.train_subset": None, "data.test_subset": None, "model.dropout": 0.0}
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = {
     **NOT_BUILTIN,
     "task.entry": f"{REPO / 'examples' / 'mnist_cnn.py'}:build",
@@ -27,19 +33,6 @@ EXAMPLE = {
     "train.epochs": 2,
     "train.batch_size": 50,
     "checkpoint.every_steps": 3,
-}
-TINY = {
-    **NOT_BUILTIN,
-    "task.entry": f"{Path(__file__).resolve().parent / 'tiny_task.py'}:build",
-    "train.epochs": 2,
-    "train.batch_size": 16,
-    "train.grad_accum_steps": 3,  # 30 batches an epoch: 10 optimizer steps
-    "train.precision": "bf16",
-    "optim.clip_grad_norm": 0.5,
-    "optim.warmup_steps": 4,
-    "optim.scheduler": {"name": "step", "step_size": 3, "gamma": 0.7, "interval": "step"},
-    "checkpoint.every_steps": 3,
-    "log.progress_every_seconds": 0.001,  # a progress event every step
 }
 
 
@@ -140,7 +133,7 @@ def test_events_name_the_headline_metric_and_the_step_metrics(run_config):
 )
 def test_a_task_that_cannot_be_loaded_is_a_config_error(run_config, entry, says):
     if entry.startswith("tiny_task.py"):
-        entry = f"{Path(__file__).resolve().parent}/{entry}"
+        entry = f"{TINY_TASK.parent}/{entry}"
     run_config.settings = {**NOT_BUILTIN, "task.entry": entry}
     process = TrainerProcess.start(run_config)
     assert process.wait() == ExitCode.CONFIG, process.output()
@@ -193,7 +186,9 @@ def test_python_entry_point_runs_the_daemon(run_config):
         from daemon import run
         raise SystemExit(run({str(config)!r}, overrides=["train.max_steps=4"]))
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=run_config.workdir, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=run_config.workdir, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"event": "training_completed"' in result.stdout
     assert final_checkpoint(run_config.checkpoint_dir)["global_step"] == 4

@@ -14,7 +14,7 @@ from trainer_proc import RunConfig
 # A model whose first training forward pass in each process is nudged, as one that keeps state
 # outside its state_dict (a lazily built buffer, a call counter) would be: exact within one process,
 # not across a restart. Loaded into every Python process started with this directory on PYTHONPATH.
-FRESH_PROCESS_DIFFERS = '''
+FRESH_PROCESS_DIFFERS = """
 import torch
 
 _forward = torch.nn.Linear.forward
@@ -30,7 +30,7 @@ def forward(self, x):
 
 
 torch.nn.Linear.forward = forward
-'''
+"""
 
 
 def verify(config: RunConfig, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -50,8 +50,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 SYSTEMD = Path("/lib/systemd/systemd")
 # This kind of host mounts cgroups in hybrid mode, the v2 tree lives here.

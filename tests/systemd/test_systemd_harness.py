@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemd_harness import BootedSystemd, missing_requirements, verify_unit
+from systemd_harness import BootedSystemd, verify_unit
 
 # A tiny sd_notify service: READY only after a delay, so that returning from
 # `systemctl start` proves systemd waited for it.
@@ -48,22 +46,6 @@ Restart=on-failure
 RestartSec=0.2
 TimeoutStartSec=20
 """
-
-
-def require_systemd_harness() -> None:
-    problems = missing_requirements()
-    if problems:
-        reason = "systemd harness unavailable: " + "; ".join(problems)
-        print(reason, file=sys.stderr)  # visible in the log, not only with -rs
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def systemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedSystemd]:
-    require_systemd_harness()
-    with BootedSystemd(tmp_path_factory.mktemp("systemd")) as sd:
-        print(f"systemd booted in {sd.boot_seconds:.2f}s as host PID {sd.pid}")
-        yield sd
 
 
 @pytest.fixture
@@ -134,11 +116,16 @@ def test_stop_leaves_unit_inactive(systemd: BootedSystemd, notify_unit: str) -> 
     systemd.systemctl("start", notify_unit)
     systemd.systemctl("stop", notify_unit)
     props = systemd.show(notify_unit, "ActiveState", "SubState", "Result", "NRestarts", "MainPID")
-    assert props == {"ActiveState": "inactive", "SubState": "dead", "Result": "success", "NRestarts": "0", "MainPID": "0"}
+    assert props == {
+        "ActiveState": "inactive",
+        "SubState": "dead",
+        "Result": "success",
+        "NRestarts": "0",
+        "MainPID": "0",
+    }
 
 
-def test_teardown_kills_everything_even_on_interrupt(tmp_path: Path) -> None:
-    require_systemd_harness()
+def test_teardown_kills_everything_even_on_interrupt(bootable, tmp_path: Path) -> None:
     sd = BootedSystemd(tmp_path / "systemd")
     with pytest.raises(KeyboardInterrupt):
         with sd:
@@ -169,11 +156,7 @@ WantedBy=multi-user.target
 """
 
 
-def test_verify_unit_reports_only_real_mistakes(tmp_path: Path) -> None:
-    if shutil.which("systemd-analyze") is None or os.geteuid() != 0:
-        reason = "systemd-analyze missing or not root"
-        print(reason, file=sys.stderr)
-        pytest.skip(reason)
+def test_verify_unit_reports_only_real_mistakes(systemd_analyze, tmp_path: Path) -> None:
     good = tmp_path / "trainer-good.service"
     good.write_text(GOOD_UNIT)
     assert verify_unit(good) == []

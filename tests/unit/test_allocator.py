@@ -24,9 +24,9 @@ def steps(n):
         optimizer.step()
 steps(20)  # past the first steps' one-off allocations
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-steps(%d)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / %d)
-""" % (STEPS, STEPS)
+steps({steps})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / {steps})
+""".replace("{steps}", str(STEPS))
 
 
 def faults_per_step(mode: str) -> float:

@@ -13,7 +13,7 @@ import pytest
 
 from daemon import events
 
-PACKAGE = Path(__file__).resolve().parents[1] / "daemon"
+PACKAGE = Path(__file__).resolve().parents[2] / "daemon"
 REPO = PACKAGE.parent
 # Lower layers never import higher ones (at run time: imports for type annotations are exempt).
 LAYERS = [
@@ -103,7 +103,9 @@ def emitted() -> list[tuple[str, str, list[str], int]]:
             if node.func.attr not in ("emit", "emit_with_traceback"):
                 continue
             target = node.func.value
-            if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "events"):
+            if not (
+                isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "events"
+            ):
                 continue
             names = [keyword.arg for keyword in node.keywords if keyword.arg]
             for keyword in node.keywords:  # **{"from": ...}: a literal's keys count as named
@@ -138,4 +140,6 @@ def test_every_declared_event_is_emitted_somewhere():
 
 
 def test_docs_events_is_the_generated_reference():
-    assert (REPO / "docs" / "events.md").read_text() == events.as_markdown(), "run: python -m daemon.events > docs/events.md"
+    assert (REPO / "docs" / "events.md").read_text() == events.as_markdown(), (
+        "run: python -m daemon.events > docs/events.md"
+    )

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import torch
+
 from checkpoint_files import (
     empty,
     flip_byte,
@@ -17,7 +18,6 @@ from checkpoint_files import (
     truncate,
     wrong_version,
 )
-
 from daemon.ckpt.schema import InvalidCheckpoint
 from daemon.ckpt.store import CheckpointStore, read_checkpoint
 from daemon.ckpt.writer import BackgroundWriter

@@ -11,8 +11,8 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from daemon.config.sections import DataConfig
 from daemon.builtin.mnist_files import MNIST_MD5, load_mnist, prepare_mnist
+from daemon.config.sections import DataConfig
 from daemon.train.data import EpochBatchSampler
 
 

@@ -9,8 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 
 from daemon.service import logs
+
+
+@pytest.fixture(autouse=True)
+def logging_restored():
+    """Each test configures this process's logging onto a file it then closes: give the next
+    tests (an in-process Trainer logs from its constructor on) the configuration they had."""
+    config, context = structlog.get_config(), structlog.contextvars.get_contextvars()
+    yield
+    structlog.configure(**config)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**context)
 
 
 def log_to(path: Path, monkeypatch: pytest.MonkeyPatch, journal_stream: str | None) -> list[str]:

@@ -11,12 +11,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from checkpoint_files import make_state
-from forged_archives import GIB, TIB, sparse_zip64
 
+from checkpoint_files import make_state
 from daemon.ckpt.schema import InvalidCheckpoint
 from daemon.ckpt.store import A_LINK, CheckpointStore, read_checkpoint
 from daemon.ckpt.writer import BackgroundWriter
+from forged_archives import GIB, TIB, sparse_zip64
 
 JUNK = ("ckpt-9999999990-periodic.pt", "ckpt-9999999991-periodic.pt")
 

@@ -1,0 +1,1 @@
+"""The benchmark (docs/benchmark.md): `python -m bench.run` from the repository root."""
