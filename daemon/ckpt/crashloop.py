@@ -10,6 +10,11 @@ The record, `crash-record.json` in the checkpoint directory, holds the newest ch
 last start, the crashes since it, and whether the run that wrote it is still running: a start
 that finds it so knows that its predecessor died without an orderly exit (an exception, SIGKILL,
 the OOM killer, a segfault, a hung step killed by the watchdog).
+
+The guard counts only for the run that will train: a start beside a run holding the directory is
+refused first (exit 69), the record untouched, so that the running one's death is still counted.
+The record is advisory and may be anything: read without following a link or waiting on a FIFO,
+bounded in size; one that is not a record the guard wrote is set aside and means "unknown".
 """
 
 from __future__ import annotations
@@ -17,12 +22,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from daemon.ckpt.layout import CHECKPOINT_NAME, CRASH_RECORD_FILE, LOCK_FILE, write_atomic
-from daemon.errors import CrashLoop, TrainerError
+from daemon.ckpt import lock
+from daemon.ckpt.layout import (
+    CHECKPOINT_NAME,
+    CRASH_RECORD_FILE,
+    LOCK_FILE,
+    UnusableFile,
+    read_small_json,
+    set_aside,
+    write_atomic,
+)
+from daemon.errors import CrashLoop, DirectoryInUse, TrainerError
 
 CRASH_LIMIT = 5
 
@@ -54,11 +69,11 @@ class CrashLoopGuard:
         self.limit = limit
 
     def __enter__(self) -> CrashLoopGuard:
-        last = self._read()
+        lock.refuse_if_held(self.directory)  # DirectoryInUse: neither counted nor written
+        last = self._found = self._read()
         # Checkpoint names sort by step. Matched by name only, so that the guard runs before torch is
         # imported and counts a crash while importing it too.
-        names = os.listdir(self.directory) if self.directory.is_dir() else []
-        newest = max((name for name in names if CHECKPOINT_NAME.match(name)), default=None)
+        newest = max(self._checkpoint_names(), default=None)
         progressed = newest is not None and (last.newest_checkpoint is None or newest > last.newest_checkpoint)
         crashes = (0 if progressed else last.crashes) + (1 if last.running else 0)
         if crashes >= self.limit:
@@ -75,19 +90,48 @@ class CrashLoopGuard:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None or issubclass(exc_type, TrainerError):
+        if exc_type is not None and issubclass(exc_type, DirectoryInUse):
+            # The record is the run's that holds the directory. It locked it after this start was
+            # counted: the record goes back as found. It took it from this run later: untouched.
+            if not issubclass(exc_type, lock.LockLost):
+                self._write(self._found)
+        elif exc_type is None or issubclass(exc_type, TrainerError):
             self._write(dataclasses.replace(self._read(), running=False))
 
-    def _read(self) -> Record:
+    def _checkpoint_names(self) -> list[str]:
+        """The names of the checkpoint files: a directory or a link named like one is no progress."""
         try:
-            fields = json.loads((self.directory / CRASH_RECORD_FILE).read_text())
-            return Record(**fields)
-        except FileNotFoundError:
+            names = os.listdir(self.directory)
+        except OSError:  # none yet, or not a directory: the lock reports that
+            return []
+        found = []
+        for name in names:
+            try:
+                if CHECKPOINT_NAME.match(name) and stat.S_ISREG(os.lstat(self.directory / name).st_mode):
+                    found.append(name)
+            except OSError:  # removed meanwhile (retention)
+                pass
+        return found
+
+    def _read(self) -> Record:
+        if not self.directory.is_dir():
+            return Record()  # none yet: nothing is known
+        try:
+            fields = read_small_json(self.directory, CRASH_RECORD_FILE)
+        except UnusableFile as exc:
+            set_aside(self.directory, CRASH_RECORD_FILE, str(exc))
+            return Record()  # no crash is known
+        except OSError:  # unreadable (EIO, not a directory): no crash is known
+            return Record()
+        if fields is None:
             # The record is written only where the directory exists: a run that found none, created
             # it with its lock and then left no record behind ended without an orderly exit.
-            return Record(running=(self.directory / LOCK_FILE).exists())
-        except (OSError, ValueError, TypeError):
-            return Record()  # unreadable: no crash is known
+            return Record(running=os.path.lexists(self.directory / LOCK_FILE))
+        try:
+            return Record(**fields)
+        except (TypeError, ValueError):
+            set_aside(self.directory, CRASH_RECORD_FILE, "not a crash record")
+            return Record()
 
     def _write(self, record: Record) -> None:
         # No directory is created here: a config refused at start-up must leave nothing behind. Until

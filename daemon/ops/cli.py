@@ -98,7 +98,8 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
             from daemon.train.loop import Trainer
 
             torch.set_num_threads(cpu.threads)  # as already in force, unless a script imported torch first
-            outcome = Trainer(assemble(cfg, signals, notifier, cpu)).run()
+            trainer = Trainer(assemble(cfg, signals, notifier, cpu))
+            outcome = trainer.run()
     except TrainerError as exc:
         return exc.report()
     except Exception:
@@ -107,7 +108,8 @@ def _run(cfg: Config, signals: SignalRecorder, argv: list[str], started: CpuSamp
     if outcome.handover is None:
         return outcome.exit_code
     try:
-        hand_over(outcome.handover, signals)  # on success, never returns
+        run_lock = trainer.parts.run_lock  # kept through the exec: the directory is never free between the two
+        hand_over(outcome.handover, signals, run_lock.handover_descriptors() if run_lock else {})  # never returns
     except OSError as exc:
         events.HANDOVER_FAILED.emit(
             message=f"could not start the process to hand over to: {exc}; the checkpoint "

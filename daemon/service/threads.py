@@ -104,10 +104,12 @@ def configure_before_torch(threads: int | None, wait: str, started: contention.C
     return CpuSetting(count, wait, others, handed_over=handover is not None, own_process=started is not None)
 
 
-def hand_over(wait: str, signals: SignalRecorder) -> None:
+def hand_over(wait: str, signals: SignalRecorder, descriptors: dict[str, int]) -> None:
     """Replace this process with a fresh run of the same command line that waits with `wait`; it
     resumes from the checkpoint just written. Returns only where a stop was recorded first (the
-    checkpoint holds the position: the caller exits as stopped) or the exec failed.
+    checkpoint holds the position: the caller exits as stopped) or the exec failed. `descriptors`:
+    kept open through the exec, each named to the successor by its environment variable (the run
+    lock: a POSIX lock lives as long as its process keeps a descriptor of the file open).
 
     The signals are blocked from the check on: one that arrives now stays pending through the exec
     and reaches the successor's handlers once they are installed (daemon/entry.py). No DataLoader
@@ -124,9 +126,15 @@ def hand_over(wait: str, signals: SignalRecorder) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.environ[HANDOVER_VARIABLE] = wait
+    for variable, fd in descriptors.items():
+        os.set_inheritable(fd, True)
+        os.environ[variable] = str(fd)
     try:
         os.execv(sys.executable, sys.orig_argv)
     finally:  # only after a failed exec
+        for variable, fd in descriptors.items():
+            os.environ.pop(variable, None)
+            os.set_inheritable(fd, False)
         os.environ.pop(HANDOVER_VARIABLE, None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*STOP_SIGNALS, SAVE_SIGNAL))
 

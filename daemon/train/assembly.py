@@ -57,17 +57,17 @@ class RunParts:
     boundary: StepBoundary
     notifier: Notifier
     cpu: CpuSetting
-    lock_fd: int | None  # the run lock, held by the writing process for the life of the run
+    run_lock: lock.RunLock | None  # the run lock, held by the writing process for the life of the run
 
-    def close(self) -> None:
+    def close(self, *, keep_lock: bool = False) -> None:
+        """`keep_lock`: the process hands the run over to its successor image, which adopts the lock."""
         try:
             self.manager.close()
         finally:
             self.reporter.close()
             self.group.close()
-            if self.lock_fd is not None:
-                os.close(self.lock_fd)
-                self.lock_fd = None
+            if self.run_lock is not None and not keep_lock:
+                self.run_lock.release()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +101,7 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
     if warmup:
         schedules["warmup"] = "step"
     stepper = Stepper(task, group.wrap(model), optimizer, cfg.train, cfg.optim.clip_grad_norm, device, group.carry)
-    lock_fd = lock.acquire(Path(cfg.checkpoint.dir)) if group.is_writer else None
+    run_lock = lock.acquire(Path(cfg.checkpoint.dir)) if group.is_writer else None
     try:
         data = build_train_data(
             task.train_set, cfg.data, cfg.train.batch_size, cfg.train.seed, device.type == "cuda", task.collate_fn
@@ -167,10 +167,11 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
             max_steps=cfg.train.max_steps,
             waiting=waiting,
             cpu=cpu,
+            run_lock=run_lock,
         )
     except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        if run_lock is not None:
+            run_lock.release()
         raise
     events.RUN_STARTED.emit(
         device=str(device),
@@ -200,7 +201,7 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
         boundary=boundary,
         notifier=notifier,
         cpu=cpu,
-        lock_fd=lock_fd,
+        run_lock=run_lock,
     )
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from daemon import events
+from daemon.ckpt.lock import RunLock
 from daemon.ckpt.manager import CheckpointManager
 from daemon.dist.agreement import Requests
 from daemon.dist.group import ProcessGroup
@@ -50,6 +51,7 @@ class StepBoundary:
         max_steps: int | None,
         waiting: WaitAdvisor | None,
         cpu: CpuSetting,
+        run_lock: RunLock | None,
     ) -> None:
         self.signals = signals
         self.group = group
@@ -62,6 +64,7 @@ class StepBoundary:
         self.max_steps = max_steps
         self.waiting = waiting
         self.cpu = cpu
+        self.run_lock = run_lock
 
     def pending(self) -> Requests:
         """This process's own requests, which the ranks agree on; a SIGUSR1 stays pending until its
@@ -75,6 +78,8 @@ class StepBoundary:
 
     def after_step(self) -> Outcome | None:
         """Act on what every rank agreed on after this step; None: train on."""
+        if self.run_lock:
+            self.run_lock.confirm_if_due()
         every = self.metrics_every_steps
         if every and self.progress.global_step % every == 0:  # before a stop: the resumed run goes on after this step
             loss, metrics = self.progress.running_means(self.group.sum_over_ranks)  # on every rank: a collective
@@ -85,13 +90,21 @@ class StepBoundary:
         self.manager.poll()
         if requests.save:
             self.signals.take_save_request()  # every SIGUSR1 pending now: several make one checkpoint
+            self.confirm_lock()
             self.manager.save("on_demand", wait=True)
         elif not self._save_follows() and self.manager.periodic_due(by_clock=requests.periodic):
+            self.confirm_lock()
             self.manager.save("periodic", wait=False)
         self.reporter.report_if_due()
         if self.waiting and (policy := self.waiting.poll()):
             return self._hand_over(policy)
         return None
+
+    def confirm_lock(self) -> None:
+        """Before each save (and the history record before it): raise LockLost (exit 69) if run.lock
+        is no longer the file this run locked, for another run may be training in the directory."""
+        if self.run_lock:
+            self.run_lock.confirm()
 
     def _save_follows(self) -> bool:
         """The epoch's or the final checkpoint is written right after this step."""
@@ -110,6 +123,7 @@ class StepBoundary:
         # Ask systemd for room in its stop timeout, should this save be slow.
         self.notifier.extend_timeout(10 + 4 * self.manager.last_save_ms / 1e3)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
+        self.confirm_lock()
         self.manager.save_position("emergency")
         for event in self.signals.unreported_stops():  # arrived while saving: the write was completed
             events.SIGNAL_RECEIVED.emit(signal=event.name, during="emergency_save", **self.progress.position())
@@ -124,5 +138,6 @@ class StepBoundary:
             **{"from": self.cpu.wait}, to=policy, others_cpus=round(self.waiting.others, 2), **self.progress.position()
         )
         self.notifier.status(f"switching cpu_wait to {policy} at step {self.progress.global_step}")
+        self.confirm_lock()
         self.manager.save_position("handover")
         return Outcome(ExitCode.STOPPED, handover=policy)

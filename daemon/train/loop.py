@@ -32,8 +32,10 @@ class Trainer:
         self.boundary = parts.boundary
 
     def run(self) -> Outcome:
+        outcome: Outcome | None = None
         try:
-            return self._train()
+            outcome = self._train()
+            return outcome
         except RuntimeError as exc:
             if NONDETERMINISTIC_OP not in str(exc):
                 raise
@@ -42,7 +44,8 @@ class Trainer:
                 f"false to run anyway, knowing that a resumed run is then no longer bitwise equal to an unbroken one."
             ) from None
         finally:
-            self.parts.close()
+            # A handover keeps the run lock through its exec: the successor image adopts it.
+            self.parts.close(keep_lock=outcome is not None and outcome.handover is not None)
 
     def _train(self) -> Outcome:
         self.manager.resume()
@@ -123,12 +126,14 @@ class Trainer:
         try:
             evaluation = self._evaluate()
         except ConfigError:
+            self.boundary.confirm_lock()
             self.manager.save_position("emergency")  # the epoch's training is kept for the mended task
             raise
         if self.parts.scheduler and self.parts.schedules["scheduler"] == "epoch":
             self.parts.scheduler.step()
         entry = self.progress.complete_epoch(evaluation, self.parts.group.sum_over_ranks)
         headline = next(iter(evaluation), "train_loss")
+        self.boundary.confirm_lock()
         self.manager.record_epoch(entry, train_seconds, headline)
         self.manager.save("final" if self._finished() else "epoch", wait=True)
         events.EPOCH_COMPLETED.emit(
@@ -152,6 +157,7 @@ class Trainer:
             model.train()
 
     def _complete(self) -> Outcome:
+        self.boundary.confirm_lock()
         self.manager.save("final", wait=True)  # mid-epoch at train.max_steps; the epoch end saved it otherwise
         for event in self.parts.boundary.signals.unreported_stops():
             events.SIGNAL_RECEIVED.emit(signal=event.name, during="completion", **self.progress.position())
