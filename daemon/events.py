@@ -14,7 +14,8 @@ Where each fires, in a run of `trainer run`::
     assembly ...................................... [dataset_prepared], run_started
     resume ........................................ [temp_files_removed], [checkpoint_invalid ...],
                                                     fresh_start | [config_changed] resumed
-                                                    [metrics_lines_dropped], [metrics_history_unavailable]
+                                                    [advisory_file_invalid], [metrics_lines_dropped],
+                                                    [metrics_history_unavailable]
     determinism
     already complete? ............................. training_already_complete (exit 0)
     for each epoch:
@@ -229,22 +230,58 @@ FRESH_START = _event(
 RESUMED = _event(
     "resumed",
     "info",
-    "Resumed from a checkpoint; `steps_redone`: the steps logged past it by the run that died (absent when unknown).",
-    ("path", "kind", "steps_redone"),
+    "Resumed from a checkpoint; `steps_lost`: the steps the run that ended last had trained past it, "
+    "trained again now (at least that many: the run marks its step at least every 0.5 s; 0 after a stop "
+    "that saved its step; absent when unknown).",
+    ("path", "kind", "steps_lost"),
     at_position=True,
 )
 CONFIG_CHANGED = _event("config_changed", "warning", "Resume-safe settings differ from the checkpoint's.", ("changes",))
 METRICS_LINES_DROPPED = _event(
     "metrics_lines_dropped",
     "warning",
-    "Lines of metrics.jsonl that do not parse were dropped.",
+    "Lines of metrics.jsonl that are not records (torn, too long, not JSON, lacking a field) were dropped.",
     ("path", "lines", "reason"),
 )
 METRICS_HISTORY_UNAVAILABLE = _event(
     "metrics_history_unavailable",
     "warning",
-    "metrics.jsonl cannot be written; training goes on without it.",
+    "metrics.jsonl cannot be written (at start, or a write failed: a full disk); training goes on without "
+    "it, and the run's exit code is its own. Reported once.",
     ("path", "reason"),
+)
+ADVISORY_FILE_INVALID = _event(
+    "advisory_file_invalid",
+    "warning",
+    "A file of the run directory that only informs (metrics.jsonl, last-logged-step.json, crash-record.json) is unusable: "
+    "not a regular file (a directory, a FIFO, a link, never followed), too large, or not what it should "
+    "hold. Set aside as <name>.invalid (`moved_to`), or left in place (`moved_to` null, not written "
+    "through); the run goes on without what it held.",
+    ("path", "reason", "moved_to"),
+)
+CHECKPOINT_DIR_WRITABLE_BY_OTHERS = _event(
+    "checkpoint_dir_writable_by_others",
+    "warning",
+    "At start: other users can write checkpoint.dir (a group or other write bit, as /tmp; or an owner "
+    "other than root and this process's user), so they can plant or replace files there. The trainer "
+    "follows no link there, but give the run a directory of its own (mode 0700).",
+    ("path", "mode", "owner_uid"),
+)
+TASK_FILE_WRITABLE_BY_OTHERS = _event(
+    "task_file_writable_by_others",
+    "warning",
+    "As task.entry's file is imported: other users can change it, or a directory above it (a group or "
+    "other write bit, but for a directory with the sticky bit, as /tmp; or an owner other than root and "
+    "this process's user), and so the code this run executes. One event for each such `path`; keep a "
+    "task where only its owner (or root) can write.",
+    ("path", "mode", "owner_uid"),
+)
+RUN_LOCK_LOST = _event(
+    "run_lock_lost",
+    "error",
+    "run.lock was removed or replaced while this run held it: another run may be training in the "
+    "directory. The run stops at once without saving (exit 69); `holder_pid`: who holds the new file, if anyone.",
+    ("message", "exit_code", "holder_pid"),
 )
 
 # -- several ranks -------------------------------------------------------------------------

@@ -5,12 +5,14 @@ atomic writer that puts each in place.
     ckpt-...pt.invalid                        a checkpoint found invalid, set aside for inspection
     run.lock                                  held by the run training here (daemon/ckpt/lock.py)
     crash-record.json                         the crash-loop guard's record (daemon/ckpt/crashloop.py)
-    last-logged-step.json                     the step last reported (daemon/ckpt/logged_step.py)
+    last-logged-step.json                     the step trained to, marked at least every 0.5 s (daemon/ckpt/logged_step.py)
     metrics.jsonl                             the metrics history (daemon/ckpt/history.py)
+    <record>.invalid                          an advisory record (metrics.jsonl, crash-record.json,
+                                              last-logged-step.json) found unusable, set aside
     .tmp-<name>.<pid>.<random>                a file being written; left behind only by a killed writer
 
-Imports nothing beyond the standard library: the crash-loop guard reads the directory before torch
-is imported.
+Imports nothing beyond the standard library and daemon/events.py: the crash-loop guard reads the
+directory before torch is imported.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from daemon import events
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
 INVALID_SUFFIX = ".invalid"
@@ -118,3 +122,16 @@ def read_small_json(directory: Path, name: str, limit: int = 1 << 16) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise UnusableFile(f"not JSON ({type(exc).__name__})") from None
+
+
+def set_aside(directory: Path, name: str, reason: str) -> Path | None:
+    """An advisory file of the run directory that is unusable: renamed `<name>.invalid` (a link is
+    moved, not followed), or left in place when it cannot be (None), and reported either way."""
+    aside = directory / (name + INVALID_SUFFIX)
+    try:
+        os.replace(directory / name, aside)
+    except OSError:  # a directory over an existing file, say: the run goes on without what it held
+        events.ADVISORY_FILE_INVALID.emit(path=str(directory / name), reason=reason, moved_to=None)
+        return None
+    events.ADVISORY_FILE_INVALID.emit(path=str(directory / name), reason=reason, moved_to=str(aside))
+    return aside

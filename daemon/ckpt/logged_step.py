@@ -1,16 +1,18 @@
-"""The step a `progress` event or a save last reported, kept in the run directory so that a run
-killed without warning lets its successor say how many steps it redoes."""
+"""The step the run has trained to, marked in the run directory (`last-logged-step.json`) at every
+save, every `progress` event and at least every half second of training (daemon/service/progress.py),
+so that a run killed without warning lets its successor say how many trained steps were lost."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from daemon.ckpt.layout import LOGGED_STEP_FILE, write_atomic
+from daemon.ckpt.layout import LOGGED_STEP_FILE, UnusableFile, read_small_json, set_aside, write_atomic
 
 
 class LoggedStep:
-    """Advisory: not fsynced, and skipped when the disk refuses (the next checkpoint save reports that)."""
+    """Advisory: written without fsync (a rename), skipped when the disk refuses (the next
+    checkpoint save reports that); a marker that is not one is set aside and means "unknown"."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -24,8 +26,17 @@ class LoggedStep:
             pass
 
     def read(self) -> int | None:
+        """The step marked; None when unknown (no marker, or one that is not a step: set aside)."""
         try:
-            step = json.loads((self.directory / LOGGED_STEP_FILE).read_text())["global_step"]
-        except (OSError, ValueError, KeyError, TypeError):
+            value = read_small_json(self.directory, LOGGED_STEP_FILE, limit=1024)
+        except UnusableFile as exc:
+            set_aside(self.directory, LOGGED_STEP_FILE, str(exc))
             return None
-        return step if isinstance(step, int) else None
+        except OSError:  # unreadable (EIO): unknown, and the next mark replaces it
+            return None
+        step = value.get("global_step") if isinstance(value, dict) else None
+        if type(step) is int and step >= 0:
+            return step
+        if value is not None:
+            set_aside(self.directory, LOGGED_STEP_FILE, "not a record of a step")
+        return None

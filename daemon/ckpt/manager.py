@@ -119,7 +119,7 @@ class CheckpointManager:
             self.saver.mark_on_disk()
         kind = self.resumer.resumed.kind if self.resumer.resumed else None
         if self.history:
-            self.history.start(kind, self.resumer.steps_redone)
+            self.history.start(kind, self.resumer.steps_lost)
         return kind
 
     # -- saving -----------------------------------------------------------------------------

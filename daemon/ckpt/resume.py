@@ -1,5 +1,5 @@
 """Resuming: the newest checkpoint that is valid, of this run and loadable, found and loaded, with
-what changed since and how many steps are redone said in the log."""
+what changed since and how many trained steps were lost said in the log."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Resumer:
     ) -> None:
         """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
         self.resumed: Entry | None = None  # once resume() found one
-        self.steps_redone: int | None = None  # None: not known (no step was logged, or a fresh start)
+        self.steps_lost: int | None = None  # None: not known (no step was marked, or a fresh start)
         self.store = store
         self.logged = logged
         self.settings = settings
@@ -45,6 +45,8 @@ class Resumer:
         removed = self.store.remove_temp_files()
         if removed:
             events.TEMP_FILES_REMOVED.emit(files=[p.name for p in removed])
+        # The step the run that ended last trained to; read (a bad marker set aside) on a fresh start too.
+        trained_to = self.logged.read()
 
         def validate(entry: Entry) -> None:
             # A config change is the person's to undo (exit 78, the file kept); a file whose content
@@ -60,13 +62,13 @@ class Resumer:
         self._report_config_changes(entry)
         self._keep_thread_count(entry)
         load(entry.valid_state)
-        logged = self.logged.read()
-        # At least the steps logged past the checkpoint; none when a background save finished
-        # after the last line the dead run logged.
         where = position()
-        redone = {"steps_redone": max(0, logged - where["global_step"])} if logged is not None else {}
-        events.RESUMED.emit(path=str(entry.path), kind=entry.kind, **where, **redone)
-        self.resumed, self.steps_redone = entry, redone.get("steps_redone")
+        # The steps the run that ended last trained past this checkpoint (at least: its marker
+        # lags its training by up to half a second); none when it saved its last step.
+        lost = {"steps_lost": max(0, trained_to - where["global_step"])} if trained_to is not None else {}
+        self.logged.mark(where["global_step"])  # from here, this run's steps: never counted twice
+        events.RESUMED.emit(path=str(entry.path), kind=entry.kind, **where, **lost)
+        self.resumed, self.steps_lost = entry, lost.get("steps_lost")
         return entry
 
     def _report_invalid(self, entry: Entry, aside: Path | None) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.ckpt.history import read_records
-from daemon.ckpt.layout import HISTORY_FILE
+from daemon.ckpt.history import HistoryReader
+from daemon.ckpt.layout import HISTORY_FILE, UnusableFile
 from daemon.errors import ConfigError
 
 SIZE_INCHES, DPI = (10, 7), 100  # a 1000 x 700 PNG
@@ -23,7 +23,10 @@ def plot(run_dirs: list[Path], out: Path) -> int:
     """Draw each directory's metrics history into `out`; the number of runs drawn."""
     runs = []
     for directory in run_dirs:
-        records, _ = read_records(directory / HISTORY_FILE)
+        try:
+            records = list(HistoryReader(directory))  # each a checked record: the fields drawn are there
+        except (UnusableFile, OSError) as exc:
+            raise ConfigError(f"{directory}: its metrics history ({HISTORY_FILE}) cannot be read: {exc}") from None
         if not records:
             raise ConfigError(f"{directory}: no metrics history ({HISTORY_FILE}) to plot; is it a checkpoint.dir?")
         runs.append((directory, records))

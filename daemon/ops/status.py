@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.ckpt.history import read_records
-from daemon.ckpt.layout import HISTORY_FILE
+from daemon.ckpt.history import HistoryReader
+from daemon.ckpt.layout import UnusableFile
 from daemon.ckpt.lock import describe, holder
 from daemon.ckpt.store import CheckpointStore
 from daemon.config.sections import Config
+from daemon.service.progress import metric_text
 
 RATE_RECORDS = 10  # the ETA's rate: over the newest training records since the last resume
 SCAN_TRIES = 5  # listings of a directory whose files a running trainer replaces meanwhile
@@ -28,8 +30,8 @@ def report(cfg: Config) -> dict:
     entries, modified = _checkpoints(CheckpointStore(directory, cfg.checkpoint.keep_last))
     running = holder(directory)
     resume = next((entry for entry in entries if entry.valid), None)
-    records, _ = read_records(directory / HISTORY_FILE)
     state = resume.state if resume else None
+    history = _read_history(directory, {entry["epoch"] for entry in state["history"]} if state else set())
     total = _total_steps(state, cfg) if state else None
     complete = bool(
         state and (state["epoch"] >= cfg.train.epochs or (total is not None and state["global_step"] >= total))
@@ -58,10 +60,40 @@ def report(cfg: Config) -> dict:
         "global_step": state["global_step"] if state else 0,
         "total_steps": total,
         "complete": complete,
-        "history": _epochs(state, records),
-        "resumes": dict(Counter(r["kind"] for r in records if r["record"] == "resume")),
-        "eta_s": None if complete or total is None else _eta(records, total),
+        "history": _epochs(state, history.seconds),
+        "resumes": dict(history.resumes),
+        "eta_s": None if complete or total is None else _eta(history.recent_training, total),
+        "metrics_history_unusable": history.unusable,
+        "metrics_lines_dropped": history.dropped,
     }
+
+
+@dataclass
+class HistorySummary:
+    """What status takes from the metrics history, gathered as it streams by."""
+
+    seconds: dict[int, float] = field(default_factory=dict)  # an epoch's seconds, for the epochs asked for
+    resumes: Counter[str] = field(default_factory=Counter)  # by the kind of checkpoint resumed from
+    recent_training: deque[dict] = field(default_factory=lambda: deque(maxlen=RATE_RECORDS))  # since the last resume
+    dropped: int = 0  # lines that are not records (the trainer may be writing the last one)
+    unusable: str | None = None  # why the history could not be read at all
+
+
+def _read_history(directory: Path, epochs: set[int]) -> HistorySummary:
+    summary, reader = HistorySummary(), HistoryReader(directory)
+    try:
+        for record in reader:
+            if record["record"] == "eval" and record["epoch"] in epochs:
+                summary.seconds[record["epoch"]] = record["seconds"]
+            elif record["record"] == "resume":
+                summary.resumes[record["kind"]] += 1
+                summary.recent_training.clear()  # the rate of the process training now
+            elif record["record"] == "train":
+                summary.recent_training.append(record)
+    except (UnusableFile, OSError) as exc:  # advisory: status reports it and shows the rest
+        summary.unusable = str(exc)
+    summary.dropped = reader.dropped
+    return summary
 
 
 def _checkpoints(store: CheckpointStore) -> tuple[list, list[float]]:
@@ -72,7 +104,7 @@ def _checkpoints(store: CheckpointStore) -> tuple[list, list[float]]:
         entries, modified, vanished = [], [], False
         for entry in store.scan():
             try:
-                modified.append(entry.path.stat().st_mtime)
+                modified.append(entry.path.lstat().st_mtime)  # a link named like a checkpoint: never followed
             except FileNotFoundError:
                 vanished = True
                 continue
@@ -90,9 +122,8 @@ def _total_steps(state: dict, cfg: Config) -> int | None:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
-def _epochs(state: dict | None, records: list[dict]) -> list[dict]:
+def _epochs(state: dict | None, seconds: dict[int, float]) -> list[dict]:
     """Each completed epoch: training loss, headline metric, seconds (from the metrics history)."""
-    seconds = {r["epoch"]: r.get("seconds") for r in records if r["record"] == "eval"}
     rows = []
     for entry in state["history"] if state else []:
         headline = next(
@@ -110,11 +141,13 @@ def _epochs(state: dict | None, records: list[dict]) -> list[dict]:
     return rows
 
 
-def _eta(records: list[dict], total: int) -> float | None:
+def _eta(recent: deque[dict], total: int) -> float | None:
     """Seconds to the end at the rate of the newest training records written by one process."""
-    since = max((i for i, r in enumerate(records) if r["record"] == "resume"), default=-1)
-    recent = [r for r in records[since + 1 :] if r["record"] == "train"][-RATE_RECORDS:]
-    if len(recent) < 2 or recent[-1]["time"] <= recent[0]["time"]:
+    if (
+        len(recent) < 2
+        or recent[-1]["time"] <= recent[0]["time"]
+        or recent[-1]["global_step"] <= recent[0]["global_step"]
+    ):
         return None
     rate = (recent[-1]["global_step"] - recent[0]["global_step"]) / (recent[-1]["time"] - recent[0]["time"])
     return round(max(0, total - recent[-1]["global_step"]) / rate, 1)
@@ -141,9 +174,11 @@ def show(report: dict, as_json: bool) -> None:
     if report["history"]:
         print("epochs:")
         for row in report["history"][-10:]:  # one screen
-            value = f"{row['headline']} {row['value']:.4f}" if row["headline"] else ""
+            value = f"{row['headline']} {metric_text(row['value'])}" if row["headline"] else ""
             seconds = f"  {row['seconds']:.1f} s" if row["seconds"] is not None else ""
-            print(f"  {row['epoch']:>4}  train_loss {row['train_loss']:.4f}  {value}{seconds}")
+            print(f"  {row['epoch']:>4}  train_loss {metric_text(row['train_loss'])}  {value}{seconds}")
+    if report["metrics_history_unusable"]:
+        print(f"metrics history not read: {report['metrics_history_unusable']}")
     resumes = report["resumes"]
     kinds = ", ".join(f"{count} from {kind}" for kind, count in sorted(resumes.items()))
     print(f"resumed {sum(resumes.values())} times" + (f" ({kinds})" if kinds else ""))

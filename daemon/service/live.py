@@ -17,6 +17,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from daemon.service.progress import metric_text
+
 if TYPE_CHECKING:
     from structlog.typing import EventDict
 
@@ -126,7 +128,7 @@ class LiveView:
             Text(f"epoch {min(p.epoch + 1, self.epochs)}/{self.epochs}", style="bold"),
             ProgressBar(total=self.steps_per_epoch, completed=p.step_in_epoch, width=40),
             Text(f"step {p.step_in_epoch}/{self.steps_per_epoch}"),
-            Text(f"loss {p.mean_loss():.4f}" if p.samples else "loss -"),
+            Text(f"loss {metric_text(p.mean_loss())}" if p.samples else "loss -"),
             Text(f"{rate:.0f} steps/s"),
             Text(f"ETA epoch {_duration(epoch_left)}  run {_duration(run_left)}"),
             Text(f"checkpoint {_duration(time.monotonic() - age)} ago" if age else "no checkpoint yet", style="dim"),
