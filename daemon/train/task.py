@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from daemon import events
 from daemon.config.sections import Config
 from daemon.errors import ConfigError
 from daemon.train.data import MapDataset
@@ -68,6 +71,14 @@ class Task(Protocol):
 
 
 REQUIRED = ("model", "train_set", "training_step", "evaluate")
+# What the units' sandbox (systemd/common.conf) hides from the service, and the setting that does.
+HIDDEN_FROM_THE_SERVICE = {
+    "/home": "ProtectHome=",
+    "/root": "ProtectHome=",
+    "/run/user": "ProtectHome=",
+    "/tmp": "PrivateTmp=",
+    "/var/tmp": "PrivateTmp=",
+}
 
 
 def load_entry(entry: str) -> Callable[[TaskContext], Task]:
@@ -85,8 +96,12 @@ def load_entry(entry: str) -> Callable[[TaskContext], Task]:
 
 def _import_file(path: Path) -> ModuleType:
     """A task file, imported as a module of its own name (dataclasses and pickling need one)."""
+    hidden = _hidden_from_the_service(path)
+    if hidden is not None:
+        raise ConfigError(_hidden_message(path, hidden))
     if not path.is_file():
         raise FileNotFoundError(f"no file {path} (relative paths start at the working directory)")
+    _report_if_writable_by_others(path)
     name = f"trainer_task_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None  # a .py file has a source loader
@@ -94,6 +109,57 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module  # DataLoader workers started by fork inherit it
     spec.loader.exec_module(module)
     return module
+
+
+def _hidden_from_the_service(path: Path) -> Path | None:
+    """Under systemd, the directory of HIDDEN_FROM_THE_SERVICE that keeps `path` from this process:
+    the nearest directory above a file that is not there, when it is one of them (with a drop-in
+    that shows a directory below it, that directory is the nearest, and the file is just missing)."""
+    if "INVOCATION_ID" not in os.environ or os.path.exists(path):
+        return None
+    nearest = next(parent for parent in path.absolute().parents if os.path.exists(parent))
+    return nearest if str(nearest) in HIDDEN_FROM_THE_SERVICE else None
+
+
+def _hidden_message(path: Path, hidden: Path) -> str:
+    """Why the service cannot see `path`, and the two ways out, the drop-in written out."""
+    setting = HIDDEN_FROM_THE_SERVICE[str(hidden)]
+    shown = path.parent if path.parent != hidden else path  # the task's directory; never all of /tmp
+    drop_in = [
+        "[Service]",
+        *(["ProtectHome=tmpfs"] if setting == "ProtectHome=" else []),  # an empty home, where a bind may go
+        f"BindReadOnlyPaths={shown}",
+    ]
+    return (
+        f"task.entry: cannot import {path}: the service's sandbox hides {hidden} ({setting} in its unit), so the file "
+        f"is not there for the service. Keep a task's code and data where the service can read them, e.g. in "
+        f"/opt/trainer-tasks or /etc/trainer, readable by other users; or show {shown} to the service, "
+        f"read-only, with a drop-in (`systemctl edit {_own_unit()}`):\n" + "\n".join(drop_in)
+    )
+
+
+def _own_unit() -> str:
+    """The systemd unit this process runs in, named by the last part of its cgroup."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        unit = line.rpartition("/")[2]
+        if line.startswith("0::") and unit.endswith(".service"):
+            return unit
+    return "the unit"
+
+
+def _report_if_writable_by_others(path: Path) -> None:
+    """Whoever else can change the task file, or a directory above it (and so put another file in
+    its place), chooses the code this process runs: each such path is reported, along the path as
+    named and as links resolve it. A directory with the sticky bit (/tmp) is spared: there, others
+    cannot replace what they do not own."""
+    named, resolved = path.absolute(), path.resolve()
+    for checked in dict.fromkeys((named, *named.parents, resolved, *resolved.parents)):
+        st = checked.stat()
+        spared = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not spared) or st.st_uid not in (0, os.geteuid()):
+            events.TASK_FILE_WRITABLE_BY_OTHERS.emit(
+                path=str(checked), mode=f"{stat.S_IMODE(st.st_mode):04o}", owner_uid=st.st_uid
+            )
 
 
 def build_task(entry: str, context: TaskContext) -> TaskAdapter:
