@@ -13,6 +13,7 @@ import pytest
 import structlog
 import torch
 
+from daemon.ckpt import lock
 from daemon.errors import ExitCode, IncompatibleCheckpoint
 from daemon.train.loop import Trainer
 from trainer_proc import (
@@ -168,6 +169,15 @@ class InProcessRun:
         self.files = {int(p.name[5:15]): (p.name, p.read_bytes()) for p in self.directory.glob("ckpt-*.pt")}
         self.reference = final_checkpoint(self.directory)
 
+    def train_to_end(self) -> ExitCode:
+        """Run the trainer again. A run releases its lock as it ends: take the directory again, on
+        the lock object the trainer's parts share."""
+        run_lock = self.trainer.parts.run_lock
+        assert run_lock is not None
+        run_lock.fd = lock.acquire(self.directory).fd
+        with structlog.testing.capture_logs():
+            return self.trainer.run().exit_code
+
     def resume_from(self, forged: bytes) -> tuple[list[dict], Exception | None]:
         """A directory of the fallback checkpoint and `forged` as the target; resume from it."""
         for path in self.directory.glob("ckpt-*"):
@@ -247,8 +257,7 @@ def outcome(
         assert invalid["path"] == str(run.target) and invalid["moved_to"] == str(run.target) + ".invalid", events
         assert resumed["global_step"] == FALLBACK
         result = "set aside"
-    with structlog.testing.capture_logs():
-        assert run.trainer.run().exit_code == ExitCode.COMPLETE
+    assert run.train_to_end() == ExitCode.COMPLETE
     if result == "set aside" or real:  # real checkpoints only: the run ends as the unbroken one
         assert_same_training(final_checkpoint(run.directory), run.reference)
     return result
