@@ -38,6 +38,7 @@ class Terminal:
         self.last_checkpoint_at: float | None = None
         self.stopping = False  # an emergency save is under way
         self.stopped = False  # and done: the run exits 75
+        self.nothing_to_save = False  # the newest checkpoint held the stop's step already
 
     # structlog's WriteLogger calls these with each rendered line
     def write(self, text: str) -> None:
@@ -55,6 +56,8 @@ class Terminal:
             self.last_checkpoint_at = time.monotonic()
         elif name == "signal_received":
             self.stopping = True
+        elif name == "checkpoint_skipped":
+            self.nothing_to_save = True
         elif name == "stopped":
             self.stopped = True
         if name == "progress" and self.live is not None:
@@ -134,9 +137,9 @@ class LiveView:
             Text(f"checkpoint {_duration(time.monotonic() - age)} ago" if age else "no checkpoint yet", style="dim"),
         )
         if self.terminal.stopped:
-            return Group(
-                grid, Text("stopped: the emergency checkpoint is saved; the same command resumes", style="bold yellow")
-            )
+            saved = "the emergency checkpoint is saved"
+            held = "the newest checkpoint holds this step" if self.terminal.nothing_to_save else saved
+            return Group(grid, Text(f"stopped: {held}; the same command resumes", style="bold yellow"))
         if self.terminal.stopping:
             return Group(grid, Text("stopping: writing the emergency checkpoint", style="bold yellow"))
         return grid
