@@ -285,6 +285,64 @@ RUN_LOCK_LOST = _event(
     ("message", "exit_code", "holder_pid"),
 )
 
+# -- the remote tier (checkpoint.remote) ---------------------------------------------------
+UPLOAD_STARTED = _event(
+    "upload_started", "info", "A local checkpoint's upload to the remote tier began.", ("name", "bytes", "url")
+)
+UPLOAD_COMPLETED = _event(
+    "upload_completed",
+    "info",
+    "A checkpoint and then its manifest are in the remote tier: from here a fresh machine resumes from it.",
+    ("name", "bytes", "ms", "mb_per_s", "url"),
+)
+UPLOAD_FAILED = _event(
+    "upload_failed",
+    "warning",
+    "An upload failed (network, credentials, throttling); training goes on and the upload is retried "
+    "after `retry_in_s`, unless a newer checkpoint replaces it.",
+    ("name", "error", "attempt", "retry_in_s"),
+)
+UPLOAD_SKIPPED = _event(
+    "upload_skipped",
+    "info",
+    "A checkpoint is not uploaded: a newer one was saved before its upload began (uploads go newest "
+    "first and never queue up), its file is gone, or the remote holds it already.",
+    ("name", "reason"),
+)
+UPLOAD_ABANDONED = _event(
+    "upload_abandoned",
+    "warning",
+    "At the end of a run the newest checkpoint could not be uploaded within "
+    "checkpoint.remote_stop_timeout_seconds; the run exits with it durable locally only.",
+    ("name", "reason", "waited_s"),
+)
+REMOTE_RESUME = _event(
+    "remote_resume",
+    "info",
+    "A checkpoint missing from checkpoint.dir was downloaded from the remote tier and matched its manifest.",
+    ("url", "bytes", "ms"),
+)
+REMOTE_PRUNED = _event(
+    "remote_pruned",
+    "debug",
+    "Retention deleted remote checkpoints older than the newest checkpoint.keep_last committed ones.",
+    ("names",),
+)
+LEASE_TAKEN_OVER = _event(
+    "lease_taken_over",
+    "warning",
+    "The remote prefix's lease was held by a run that is gone (its lease expired, or its process on "
+    "this host is dead); this run took it over.",
+    ("url", "previous_holder", "reason"),
+)
+LEASE_LOST = _event(
+    "lease_lost",
+    "error",
+    "Another run took over the remote prefix's lease (this run could not renew it in time): the run "
+    "stops at once without saving (exit 69).",
+    ("message", "exit_code", "holder"),
+)
+
 # -- several ranks -------------------------------------------------------------------------
 RANKS_STARTED = _event(
     "ranks_started", "info", "The launcher started this node's ranks.", ("pids", "nproc_per_node", "nnodes")
@@ -332,6 +390,20 @@ CHECKPOINT_DIR_IN_USE = _event(
     "error",
     "Another run holds the checkpoint directory (exit 69); `holder_pid` 0: a process outside this PID namespace.",
     (*ERROR_FIELDS, "holder_pid"),
+)
+REMOTE_IN_USE = _event(
+    "remote_in_use",
+    "error",
+    "Another run holds the lease of checkpoint.remote's prefix (exit 69); `holder`: its host and PID, "
+    "`expires_in_s`: when it lapses unless renewed.",
+    (*ERROR_FIELDS, "holder", "expires_in_s"),
+)
+REMOTE_UNREACHABLE = _event(
+    "remote_unreachable",
+    "error",
+    "checkpoint.remote did not answer at start (network, endpoint, credentials): without it the newest "
+    "checkpoint is unknown, so the run does not start (exit 69).",
+    ERROR_FIELDS,
 )
 CRASH_LOOP = _event(
     "crash_loop",

@@ -7,8 +7,9 @@ atomic writer that puts each in place.
     crash-record.json                         the crash-loop guard's record (daemon/ckpt/crashloop.py)
     last-logged-step.json                     the step trained to, marked at least every 0.5 s (daemon/ckpt/logged_step.py)
     metrics.jsonl                             the metrics history (daemon/ckpt/history.py)
+    remote-state.json                         the uploads to checkpoint.remote, for `trainer status` (daemon/ckpt/uploads.py)
     <record>.invalid                          an advisory record (metrics.jsonl, crash-record.json,
-                                              last-logged-step.json) found unusable, set aside
+                                              last-logged-step.json, remote-state.json) found unusable, set aside
     .tmp-<name>.<pid>.<random>                a file being written; left behind only by a killed writer
 
 Imports nothing beyond the standard library and daemon/events.py: the crash-loop guard reads the
@@ -35,6 +36,7 @@ LOCK_FILE = "run.lock"
 CRASH_RECORD_FILE = "crash-record.json"
 LOGGED_STEP_FILE = "last-logged-step.json"
 HISTORY_FILE = "metrics.jsonl"
+REMOTE_STATE_FILE = "remote-state.json"
 TEMP_PREFIX = ".tmp-"
 
 

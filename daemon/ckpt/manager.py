@@ -24,12 +24,15 @@ import torch
 
 from daemon import events
 from daemon.ckpt.history import MetricsHistory
+from daemon.ckpt.lease import Lease
 from daemon.ckpt.logged_step import LoggedStep
 from daemon.ckpt.registry import Stateful, StateRegistry
+from daemon.ckpt.remote import RemoteTier
 from daemon.ckpt.resume import Resumer
 from daemon.ckpt.saving import Saver
 from daemon.ckpt.schema import FORMAT_VERSION, CheckpointSchema, RunShape
 from daemon.ckpt.store import CheckpointStore
+from daemon.ckpt.uploads import Uploader
 from daemon.config.sections import CheckpointConfig
 
 if TYPE_CHECKING:
@@ -64,8 +67,18 @@ class CheckpointManager:
         self.store = CheckpointStore(Path(cfg.dir), cfg.keep_last)
         self.logged = LoggedStep(self.store.directory)
         self.history = MetricsHistory(self.store.directory, progress) if group.is_writer else None
+        # The remote tier, on the writing rank: reachable and leased to this run before training starts.
+        remote = RemoteTier(cfg.remote, cfg.remote_options) if cfg.remote and group.is_writer else None
+        self.lease: Lease | None = None
+        self.uploads: Uploader | None = None
+        self.upload_timeout_s = cfg.remote_stop_timeout_seconds if remote else 0.0
+        if remote:
+            remote.check_usable()
+            self.lease = Lease(remote, cfg.remote_lease_seconds)
+            self.lease.acquire()
+            self.uploads = Uploader(remote, self.lease, self.store.directory, cfg.keep_last)
         writer = group.writer(self.store) if cfg.async_save else None
-        self.saver = Saver(cfg, group.store(self.store), writer, self.state_dict, progress, self.logged)
+        self.saver = Saver(cfg, group.store(self.store), writer, self.state_dict, progress, self.logged, self.uploads)
         self.resumer = Resumer(
             self.store,
             self.logged,
@@ -73,6 +86,7 @@ class CheckpointManager:
             fingerprint=fingerprint,
             cpu_threads_setting=cpu_threads_setting,
             world_size=group.world_size,
+            remote=remote,
         )
 
     def register(self, key: str, part: Stateful | None, *, per_rank: bool = False) -> None:
@@ -117,7 +131,12 @@ class CheckpointManager:
         position = self.progress.position
         if self.group.resume(lambda load: self.resumer.resume(schema, load, position), self.load_state_dict):
             self.saver.mark_on_disk()
-        kind = self.resumer.resumed.kind if self.resumer.resumed else None
+        resumed = self.resumer.resumed
+        if self.uploads and resumed:
+            self.uploads.protect.add(resumed.path.name)  # retention keeps what this run stands on
+            if resumed.path.name not in self.resumer.remote_committed:  # e.g. its upload was abandoned
+                self.uploads.enqueue(resumed.path)
+        kind = resumed.kind if resumed else None
         if self.history:
             self.history.start(kind, self.resumer.steps_lost)
         return kind
@@ -166,6 +185,11 @@ class CheckpointManager:
         """Report the background saves that have finished."""
         self.saver.poll()
 
+    def confirm_remote(self) -> None:
+        """At each step: raise LeaseLost (exit 69) once another run took over the remote prefix."""
+        if self.lease:
+            self.lease.confirm()
+
     # -- the metrics history ----------------------------------------------------------------
 
     def record_training(self, loss: float, metrics: dict[str, float]) -> None:
@@ -177,9 +201,14 @@ class CheckpointManager:
         if self.history:
             self.history.epoch_done(entry, seconds, headline)
 
-    def close(self) -> None:
+    def close(self, *, keep_lease: bool = False) -> None:
+        """`keep_lease`: the process re-executes as its successor, which adopts the remote lease."""
         try:
             self.saver.close()
+            if self.uploads:
+                self.uploads.finish(self.upload_timeout_s)
         finally:
+            if self.lease and not keep_lease:
+                self.lease.release()
             if self.history:
                 self.history.close()

@@ -11,6 +11,7 @@ import torch
 
 from daemon import events
 from daemon.ckpt.logged_step import LoggedStep
+from daemon.ckpt.remote import MANIFEST_SUFFIX, Manifest, RemoteTier, RemoteUnreachable, describe
 from daemon.ckpt.schema import CheckpointSchema, InvalidCheckpoint
 from daemon.ckpt.store import CheckpointStore, Entry
 from daemon.config.exactness import exactness_fingerprint, is_resume_safe, with_current_names
@@ -27,8 +28,10 @@ class Resumer:
         fingerprint: str,
         cpu_threads_setting: int | None,
         world_size: int,
+        remote: RemoteTier | None = None,
     ) -> None:
-        """`settings`: this run's flat settings, as its checkpoints store them under `config`."""
+        """`settings`: this run's flat settings, as its checkpoints store them under `config`;
+        `remote`: the remote tier, whose committed checkpoints are candidates beside the local ones."""
         self.resumed: Entry | None = None  # once resume() found one
         self.steps_lost: int | None = None  # None: not known (no step was marked, or a fresh start)
         self.store = store
@@ -37,6 +40,8 @@ class Resumer:
         self.fingerprint = fingerprint
         self.cpu_threads_setting = cpu_threads_setting
         self.world_size = world_size
+        self.remote = remote
+        self.remote_committed: set[str] = set()  # the names the remote tier holds, as the resume found them
 
     def resume(
         self, schema: CheckpointSchema, load: Callable[[dict], None], position: Callable[[], dict]
@@ -55,10 +60,19 @@ class Resumer:
             self._check_world_size(entry)
             schema.check(entry.valid_state)
 
-        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate)
+        candidates = RemoteCheckpoints(self.remote, self.store.directory) if self.remote else None
+        if candidates:
+            self.remote_committed = {manifest.name for manifest in candidates.manifests}
+        entry = self.store.newest_valid(on_invalid=self._report_invalid, validate=validate, remote=candidates)
         if entry is None:
             events.FRESH_START.emit(checkpoint_dir=str(self.store.directory))
             return None
+        if entry.remote is not None and candidates is not None:
+            events.REMOTE_RESUME.emit(
+                url=candidates.tier.object_url(entry.remote.name),
+                bytes=entry.remote.size,
+                ms=round(candidates.download_ms[entry.remote.name], 1),
+            )
         self._report_config_changes(entry)
         self._keep_thread_count(entry)
         load(entry.valid_state)
@@ -138,3 +152,39 @@ class Resumer:
                 f"(the count the run started with), or set checkpoint.dir to an empty directory to start afresh."
             )
         torch.set_num_threads(trained_with)
+
+
+class RemoteCheckpoints:
+    """The remote tier's committed checkpoints as candidates of a resume (daemon/ckpt/store.py): a
+    manifest that is not one, and a checkpoint whose bytes or content fail their checks, are
+    uncommitted (the manifest set aside) and reported as `checkpoint_invalid`."""
+
+    def __init__(self, tier: RemoteTier, directory: Path) -> None:
+        self.tier = tier
+        self.directory = directory
+        self.download_ms: dict[str, float] = {}
+        try:
+            self.manifests, bad = tier.committed()
+        except Exception as exc:  # noqa: BLE001 -- it answered at start; an outage now ends the start
+            raise RemoteUnreachable(f"checkpoint.remote: {tier.url}: cannot list it ({describe(exc)})") from None
+        for name, reason in bad:
+            self._set_aside(name, reason)
+
+    def fetch(self, manifest: Manifest) -> None:
+        try:
+            ms = self.tier.download(manifest, self.directory)
+        except InvalidCheckpoint:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the object is there but the transfer failed
+            raise RemoteUnreachable(
+                f"checkpoint.remote: cannot download {self.tier.object_url(manifest.name)} ({describe(exc)})"
+            ) from None
+        self.download_ms[manifest.name] = ms
+
+    def reject(self, manifest: Manifest, reason: str) -> None:
+        self._set_aside(manifest.name + MANIFEST_SUFFIX, reason)
+
+    def _set_aside(self, manifest_name: str, reason: str) -> None:
+        events.CHECKPOINT_INVALID.emit(
+            path=self.tier.object_url(manifest_name), reason=reason, moved_to=self.tier.set_aside(manifest_name)
+        )

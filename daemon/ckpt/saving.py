@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from daemon import events
 from daemon.ckpt.logged_step import LoggedStep
 from daemon.ckpt.store import CheckpointStore, SaveResult
+from daemon.ckpt.uploads import Uploader
 from daemon.ckpt.writer import BackgroundWriter
 from daemon.config.sections import CheckpointConfig
 
@@ -27,15 +28,18 @@ class Saver:
         state: Callable[[str], dict],
         progress: TrainProgress,
         logged: LoggedStep,
+        uploads: Uploader | None = None,
     ) -> None:
         """`state(kind)`: the run's checkpoint content now; `writer`: writes periodic saves in the
-        background (None: every save is written before the loop goes on)."""
+        background (None: every save is written before the loop goes on); `uploads`: each checkpoint
+        is uploaded to the remote tier once durable."""
         self.cfg = cfg
         self.store = store
         self.writer = writer
         self.state = state
         self.progress = progress
         self.logged = logged
+        self.uploads = uploads
         # The state on disk, as (epochs completed, global step): completing an epoch changes the
         # state (scheduler, history) without a step. The start needs no file: config and seed recreate it.
         self.last_saved = (0, 0)
@@ -105,3 +109,5 @@ class Saver:
                 checkpoint_global_step=result.global_step,
                 **self.progress.position(),
             )
+            if self.uploads:
+                self.uploads.enqueue(result.path)

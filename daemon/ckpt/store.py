@@ -22,10 +22,10 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -41,6 +41,9 @@ from daemon.ckpt.layout import (
 )
 from daemon.ckpt.schema import InvalidCheckpoint, check_format
 from daemon.errors import CheckpointWriteError
+
+if TYPE_CHECKING:
+    from daemon.ckpt.remote import Manifest
 
 # Written after the epoch at their step was completed, so newer than any other kind at that step.
 EPOCH_END_KINDS = ("epoch", "final")
@@ -67,6 +70,7 @@ class Entry:
     bytes: int
     state: dict | None = None  # the loaded content, when valid
     reason: str | None = None  # why it is invalid
+    remote: Manifest | None = None  # a checkpoint of the remote tier, downloaded when it is read
 
     @property
     def valid(self) -> bool:
@@ -77,6 +81,18 @@ class Entry:
         """`state` of an entry read as valid (as `validate` sees it and `newest_valid` returns it)."""
         assert self.state is not None, f"{self.path} is not a valid checkpoint: {self.reason}"
         return self.state
+
+
+class RemoteCandidates(Protocol):
+    """The committed checkpoints of the remote tier, as a resume considers them beside the local ones."""
+
+    manifests: list[Manifest]
+
+    def fetch(self, manifest: Manifest) -> None:
+        """Download into the store's directory under its name if its bytes match; raise InvalidCheckpoint."""
+
+    def reject(self, manifest: Manifest, reason: str) -> None:
+        """Uncommit a checkpoint found invalid, and report it."""
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -145,13 +161,18 @@ class CheckpointStore:
             self._known_good.add(path.name)
         return SaveResult(path, state["kind"], state["global_step"], size, (time.perf_counter() - started) * 1e3)
 
-    def _listed(self) -> list[Entry]:
+    def _listed(self, remote: Sequence[Manifest] = ()) -> list[Entry]:
         """Everything named like a checkpoint, not yet read, newest first: global step, then epoch-end
-        kinds (the same step with its epoch completed), then write time. What is not a regular file
-        (a link, never followed; a directory, a device) comes with its reason already."""
+        kinds (the same step with its epoch completed), then local before remote, then write time.
+        What is not a regular file (a link, never followed; a directory, a device) comes with its
+        reason already. `remote`: the remote tier's committed checkpoints."""
+        found = [
+            ((m.global_step, m.kind in EPOCH_END_KINDS, False, int(m.committed_at * 1e9)), self._remote_entry(m))
+            for m in remote
+        ]
         if not self.directory.is_dir():
-            return []
-        found = []
+            found.sort(key=lambda item: item[0], reverse=True)
+            return [entry for _, entry in found]
         for path in self.directory.iterdir():
             match = CHECKPOINT_NAME.match(path.name)
             if not match:
@@ -162,9 +183,18 @@ class CheckpointStore:
                 continue
             reason = None if stat.S_ISREG(status.st_mode) else A_LINK if stat.S_ISLNK(status.st_mode) else NOT_A_FILE
             entry = Entry(path, int(match["step"]), match["kind"], status.st_size, reason=reason)
-            found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, status.st_mtime_ns), entry))
+            found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, True, status.st_mtime_ns), entry))
         found.sort(key=lambda item: item[0], reverse=True)
         return [entry for _, entry in found]
+
+    def _remote_entry(self, manifest: Manifest) -> Entry:
+        return Entry(
+            self.path_for(manifest.global_step, manifest.kind),
+            manifest.global_step,
+            manifest.kind,
+            manifest.size,
+            remote=manifest,
+        )
 
     def prune(self) -> None:
         """Delete the checkpoint files older than the newest `keep_last` that this store wrote or
@@ -201,17 +231,29 @@ class CheckpointStore:
             return dataclasses.replace(entry, state=None, reason=str(exc))
 
     def newest_valid(
-        self, on_invalid: Callable[[Entry, Path | None], None], validate: Callable[[Entry], None] = lambda entry: None
+        self,
+        on_invalid: Callable[[Entry, Path | None], None],
+        validate: Callable[[Entry], None] = lambda entry: None,
+        remote: RemoteCandidates | None = None,
     ) -> Entry | None:
         """The newest checkpoint that verifies and passes `validate` (which raises InvalidCheckpoint,
         and may raise other errors, which end the search). Each invalid file met on the way is set
         aside as `<name>.invalid` and reported through `on_invalid(entry, new_path)`; what is not a
         regular file (a link, a directory) is reported with `new_path` None and left in place.
+        `remote`: the remote tier's checkpoints are candidates too, a local copy read first; one is
+        downloaded when its turn comes, and uncommitted when it is invalid.
         Raises CheckpointWriteError when a file cannot be set aside."""
-        for listed in self._listed():
+        for listed in self._listed(remote.manifests if remote else []):
             if listed.reason is not None:
                 on_invalid(listed, None)
                 continue
+            if listed.remote is not None:
+                assert remote is not None
+                try:
+                    remote.fetch(listed.remote)
+                except InvalidCheckpoint as exc:
+                    remote.reject(listed.remote, str(exc))
+                    continue
             entry = self._read(listed, validate)
             if entry.valid:
                 with self._known_good_lock:
@@ -225,6 +267,9 @@ class CheckpointStore:
                     f"cannot set aside invalid checkpoint {entry.path} ({entry.reason})", exc
                 ) from None
             on_invalid(entry, aside)
+            if entry.remote is not None:
+                assert remote is not None and entry.reason is not None
+                remote.reject(entry.remote, entry.reason)
         return None
 
     def _write_error(self, what: str, exc: OSError, note: str = "") -> CheckpointWriteError:

@@ -158,9 +158,21 @@ class CheckpointConfig:
     every_seconds: float = 60.0  # also save when this long has passed since the last save (0: off)
     keep_last: int = 3  # valid checkpoints kept; older ones are deleted after each save
     async_save: bool = True  # periodic saves are written by a background thread from an in-memory snapshot
+    # The remote tier (daemon/ckpt/remote.py): an fsspec URL such as s3://bucket/prefix that every
+    # checkpoint is uploaded to in the background, and resumed from on a machine whose dir is empty.
+    remote: str | None = None
+    # Handed to the remote filesystem (e.g. {endpoint_url: http://127.0.0.1:9000}); never credentials,
+    # which come from the platform's standard chain (environment, profile, instance metadata).
+    remote_options: dict[str, Any] = field(default_factory=dict)
+    # A stop waits this long for its emergency checkpoint to be uploaded (the strictest platforms
+    # give 30 s between SIGTERM and SIGKILL); past it the run exits 75 with the local copy.
+    remote_stop_timeout_seconds: float = 20.0
+    # The remote prefix's lease (one run trains into it): held this long past each renewal.
+    remote_lease_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _check_remote(self)
         _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         # Found now, not at the first save after an epoch of training.
@@ -263,6 +275,32 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Every setting under its dotted key, e.g. {"train.batch_size": 100, ...}."""
         return flatten(dataclasses.asdict(self))
+
+
+# Names of options that carry a secret: a checkpoint stores its config, so none may be given here.
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential", "sas")
+
+
+def _check_remote(cfg: CheckpointConfig) -> None:
+    if cfg.remote is None:
+        _require(not cfg.remote_options, "checkpoint.remote_options", "set without checkpoint.remote")
+        return
+    scheme, sep, rest = cfg.remote.partition("://")
+    _require(
+        bool(sep and scheme.isidentifier() and rest.strip("/")),
+        "checkpoint.remote",
+        f"{cfg.remote!r} is not a URL such as s3://bucket/prefix",
+    )
+    check_options(cfg.remote_options, "checkpoint.remote_options")
+    for name in flatten(cfg.remote_options):
+        _require(
+            not any(word in name.lower() for word in SECRET_OPTION_WORDS) or name.endswith("_url"),
+            f"checkpoint.remote_options.{name}",
+            "looks like a credential, which every checkpoint would store: give it through the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) or the machine's role instead",
+        )
+    _require(cfg.remote_stop_timeout_seconds > 0, "checkpoint.remote_stop_timeout_seconds", "must be > 0")
+    _require(cfg.remote_lease_seconds >= 3, "checkpoint.remote_lease_seconds", "must be >= 3")
 
 
 def _require(condition: bool, key: str, problem: str) -> None:

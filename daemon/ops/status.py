@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.ckpt.history import HistoryReader
-from daemon.ckpt.layout import UnusableFile
+from daemon.ckpt.layout import REMOTE_STATE_FILE, UnusableFile, read_small_json
 from daemon.ckpt.lock import describe, holder
+from daemon.ckpt.remote import RemoteTier
+from daemon.ckpt.remote import describe as describe_error
 from daemon.ckpt.store import CheckpointStore
 from daemon.config.sections import Config
 from daemon.service.progress import metric_text
@@ -65,7 +67,39 @@ def report(cfg: Config) -> dict:
         "eta_s": None if complete or total is None else _eta(history.recent_training, total),
         "metrics_history_unusable": history.unusable,
         "metrics_lines_dropped": history.dropped,
+        "remote": _remote(cfg, directory) if cfg.checkpoint.remote else None,
     }
+
+
+def _remote(cfg: Config, directory: Path) -> dict:
+    """The remote tier: its newest committed checkpoint, as the store lists it, and what the run's
+    uploader left in remote-state.json (pending uploads, the last error)."""
+    assert cfg.checkpoint.remote
+    found: dict = {"url": cfg.checkpoint.remote, "newest": None, "newest_age_s": None, "unreachable": None}
+    try:
+        committed, _ = RemoteTier(cfg.checkpoint.remote, cfg.checkpoint.remote_options).committed()
+        if committed:
+            found["newest"] = committed[0].name
+            found["newest_age_s"] = round(time.time() - committed[0].committed_at, 1)
+    except Exception as exc:  # noqa: BLE001 -- status reports what it could not read
+        found["unreachable"] = describe_error(exc)
+    found.update(pending=[], last_error=None, abandoned=None, uploader_state_unusable=None)
+    try:
+        state = read_small_json(directory, REMOTE_STATE_FILE)
+    except UnusableFile as exc:
+        found["uploader_state_unusable"] = str(exc)
+        return found
+    if isinstance(state, dict):
+        pending, error, abandoned = state.get("pending"), state.get("last_error"), state.get("abandoned")
+        if isinstance(pending, list) and all(isinstance(name, str) for name in pending):
+            found["pending"] = pending
+        if isinstance(error, dict) and isinstance(error.get("error"), str):
+            found["last_error"] = error["error"]
+        if isinstance(abandoned, str):
+            found["abandoned"] = abandoned
+    elif state is not None:
+        found["uploader_state_unusable"] = "not a JSON object"
+    return found
 
 
 @dataclass
@@ -192,3 +226,21 @@ def show(report: dict, as_json: bool) -> None:
             print(f"ETA {_duration(report['eta_s'])} at the recent rate")
     else:
         print("a run starts afresh")
+    remote = report.get("remote")
+    if remote:
+        if remote["unreachable"]:
+            print(f"remote {remote['url']}: not reachable ({remote['unreachable']})")
+        elif remote["newest"]:
+            print(
+                f"remote {remote['url']}: newest {remote['newest']}, committed {_duration(remote['newest_age_s'])} ago"
+            )
+        else:
+            print(f"remote {remote['url']}: no committed checkpoint")
+        if remote["pending"]:
+            print(f"  uploads pending: {', '.join(remote['pending'])}")
+        if remote["last_error"]:
+            print(f"  last upload error: {remote['last_error']}")
+        if remote["abandoned"]:
+            print(f"  not uploaded when the last run ended: {remote['abandoned']}")
+        if remote["uploader_state_unusable"]:
+            print(f"  {REMOTE_STATE_FILE} not read: {remote['uploader_state_unusable']}")

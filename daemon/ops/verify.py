@@ -6,7 +6,9 @@ signals to real processes: SIGUSR1 (an on-demand save, training goes on), SIGKIL
 periodic checkpoint (the restart redoes the steps since), SIGTERM (the emergency checkpoint, exit
 75), each interruption followed by a restart with the same command line. The two final states are
 compared bitwise: position, model, optimizer, scheduler, data order, every RNG, metrics. When they
-differ, the periodic checkpoints the two runs share tell between which steps they parted.
+differ, the periodic checkpoints the two runs share tell between which steps they parted. With
+`checkpoint.remote` set, each restart of the interrupted run also finds its local directory gone,
+as on a new machine, and resumes from the remote tier.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 
 from daemon import events
 from daemon.ckpt.layout import CHECKPOINT_NAME
+from daemon.ckpt.remote import RemoteTier
 from daemon.ckpt.store import CheckpointStore, Entry, read_checkpoint
+from daemon.config.sections import Config
 from daemon.errors import ExitCode, TrainerError
 from daemon.ops.child import TrainerChild
 
@@ -129,9 +133,20 @@ class Verifier:
         self.overrides = [arg for override in overrides for arg in ("--set", override)]
         self.steps = steps
         self.scratch = Path(tempfile.mkdtemp(prefix="trainer-verify-"))
+        # With a remote tier, each run trains into a prefix of its own under it, and each restart of
+        # the interrupted run finds its local directory gone (a new machine): it resumes from the remote.
+        checkpoint = Config.from_yaml(config, overrides).checkpoint
+        self.remote = f"{checkpoint.remote.rstrip('/')}/{self.scratch.name}" if checkpoint.remote else None
+        self.remote_options = checkpoint.remote_options
+        self.segments = 0  # local directories of the interrupted run set aside so far
 
     def _start(self, run: str, every: int) -> TrainerChild:
+        remote = {"checkpoint.remote": f"{self.remote}/{run}"} if self.remote else {}
+        if self.remote and run == "interrupted" and (self.scratch / run).exists():
+            self.segments += 1
+            (self.scratch / run).rename(self.scratch / f"{run}-segment-{self.segments}")
         settings = {
+            **remote,
             "checkpoint.dir": str(self.scratch / run),
             "checkpoint.every_steps": every,
             "checkpoint.every_seconds": 0,
@@ -232,7 +247,7 @@ class Verifier:
 
         def periodic(run: str) -> dict[int, Path]:
             found = {}
-            for path in (self.scratch / run).iterdir():
+            for path in (path for folder in self.scratch.glob(f"{run}*") for path in folder.iterdir()):
                 match = CHECKPOINT_NAME.match(path.name)
                 if match and match["kind"] == "periodic":
                     found[int(match["step"])] = path
@@ -249,6 +264,12 @@ class Verifier:
     def clean_up(self, report: Report | None) -> None:
         if report is None or report.passed:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.remote:
+                try:
+                    tier = RemoteTier(self.remote, self.remote_options)
+                    tier.fs.rm(tier.root, recursive=True)
+                except Exception:  # noqa: BLE001 -- left for the operator; the report says where
+                    pass
 
 
 def verify(config: Path, overrides: list[str], steps: int, as_json: bool) -> int:

@@ -62,7 +62,7 @@ class RunParts:
     def close(self, *, keep_lock: bool = False) -> None:
         """`keep_lock`: the process hands the run over to its successor image, which adopts the lock."""
         try:
-            self.manager.close()
+            self.manager.close(keep_lease=keep_lock)
         finally:
             self.reporter.close()
             self.group.close()

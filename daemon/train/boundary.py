@@ -80,6 +80,7 @@ class StepBoundary:
         """Act on what every rank agreed on after this step; None: train on."""
         if self.run_lock:
             self.run_lock.confirm_if_due()
+        self.manager.confirm_remote()
         every = self.metrics_every_steps
         if every and self.progress.global_step % every == 0:  # before a stop: the resumed run goes on after this step
             loss, metrics = self.progress.running_means(self.group.sum_over_ranks)  # on every rank: a collective
@@ -121,7 +122,7 @@ class StepBoundary:
             events.SIGNAL_RECEIVED.emit(signal=event.name, waited_ms=waited_ms, **self.progress.position())
         self.reporter.refresh()  # the display marks the save under way
         # Ask systemd for room in its stop timeout, should this save be slow.
-        self.notifier.extend_timeout(10 + 4 * self.manager.last_save_ms / 1e3)
+        self.notifier.extend_timeout(10 + 4 * self.manager.last_save_ms / 1e3 + self.manager.upload_timeout_s)
         self.notifier.stopping(f"saving at step {self.progress.global_step}")
         self.confirm_lock()
         self.manager.save_position("emergency")
