@@ -186,7 +186,7 @@ class RemoteTier:
 
     def committed(self) -> tuple[list[Manifest], list[tuple[str, str]]]:
         """The committed checkpoints, newest first, and each manifest that is not one: (name, why)."""
-        names = self._names()
+        names = self.names()
         found, bad = [], []
         for name in names:
             if not name.endswith(MANIFEST_SUFFIX) or not CHECKPOINT_NAME.match(name.removesuffix(MANIFEST_SUFFIX)):
@@ -201,7 +201,7 @@ class RemoteTier:
         found.sort(key=lambda m: (m.global_step, m.kind in ("epoch", "final"), m.committed_at), reverse=True)
         return found, bad
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
         try:
             self.fs.invalidate_cache(self.root)
             return [path.rstrip("/").rsplit("/", 1)[-1] for path in self.fs.ls(self.root, detail=False)]
@@ -315,7 +315,7 @@ class RemoteTier:
             removed.append(manifest.name)
         newest_step = committed[0].global_step
         manifested = {m.name for m in committed}
-        for name in self._names():
+        for name in self.names():
             match = CHECKPOINT_NAME.match(name)
             if match and name not in manifested and name not in kept and int(match["step"]) < newest_step:
                 self.remove(name)

@@ -219,8 +219,10 @@ def test_one_run_per_remote_prefix(run_config, remote, mnist_root, tmp_path_fact
     first = start(run_config)
     first.wait_for("run_started")
 
+    other.settings["train.max_steps"] = 20  # a run the lease failed to refuse ends soon
     second = start(other)
     assert second.wait() == 69, second.output()
+    del other.settings["train.max_steps"]
     in_use = one(second, "remote_in_use")
     assert in_use["holder"] == f"{socket.gethostname()} PID {first.pid}", in_use
 
@@ -231,10 +233,11 @@ def test_one_run_per_remote_prefix(run_config, remote, mnist_root, tmp_path_fact
     third.wait_for("epoch_started")
 
     plant_lease(remote, "another-machine", 60)  # another run took the lease over
+    other.settings["train.max_steps"] = 20
     lost = third.wait_for("lease_lost")
     assert third.wait() == 69 and "another-machine" in lost["holder"], third.output()
 
-    fourth = start(run_config)
+    fourth = start(other)  # with train.max_steps: see `second`
     assert fourth.wait() == 69, fourth.output()
     assert fourth.events("remote_in_use")[0]["holder"] == "another-machine PID 4242"
 
