@@ -178,7 +178,8 @@ class RemoteTier:
                     raise RemoteUnreachable(
                         f"checkpoint.remote: {self.url} did not answer ({describe(exc)}); the newest "
                         f"checkpoint may be there, so the run does not start without it. Check the "
-                        f"network, checkpoint.remote_options.endpoint_url and the credentials"
+                        f"network (under systemd: the drop-in systemd/network.conf), "
+                        f"checkpoint.remote_options.endpoint_url and the credentials"
                     ) from None
                 time.sleep(2)
 
