@@ -12,6 +12,10 @@ Where each fires, in a run of `trainer run`::
     with several ranks, the launcher:               ranks_started, [signal_received forwarded_to],
                                                     [ranks_restarting], ranks_exited
     assembly ...................................... [dataset_prepared], run_started
+    from here, on the writing rank with preemption.notice, on a thread of its own:
+        the platform chosen ....................... preemption_watching
+        a poll fails (first of a streak) .......... [preemption_poll_failed]
+        the first notice .......................... [preemption_notice]; recorded as a request
     resume ........................................ [temp_files_removed], [checkpoint_invalid ...],
                                                     fresh_start | [config_changed] resumed
                                                     [advisory_file_invalid], [metrics_lines_dropped],
@@ -25,6 +29,8 @@ Where each fires, in a run of `trainer run`::
                 stop agreed ....................... signal_received, checkpoint_saved emergency
                                                     (or checkpoint_skipped), stopped (exit 75)
                 SIGUSR1 agreed .................... checkpoint_saved on_demand
+                preemption notice agreed .......... checkpoint_saved notice (on_notice: checkpoint),
+                                                    or as a stop: checkpoint_saved emergency, stopped
                 periodic save due ................. [checkpoint_snapshot], later checkpoint_saved periodic
                 every log.progress_every_seconds .. progress
                 cpu_wait switch due ............... cpu_wait_switch, checkpoint_saved handover,
@@ -193,6 +199,29 @@ CPU_WAIT_SWITCH = _event(
     "re-executes itself (same PID) and logs `resumed` with kind handover.",
     ("from", "to", "others_cpus"),
     at_position=True,
+)
+PREEMPTION_WATCHING = _event(
+    "preemption_watching",
+    "info",
+    "The preemption watcher polls `platform`'s metadata service at `endpoint` (preemption.notice); "
+    "`platform` null: with `auto` none answered as its platform does, and nothing is polled.",
+    ("platform", "endpoint"),
+)
+PREEMPTION_POLL_FAILED = _event(
+    "preemption_poll_failed",
+    "warning",
+    "The metadata service did not answer as documented (unreachable, a timeout, an error status, "
+    "garbage); training goes on and polling too. Once per streak of failures.",
+    ("platform", "error"),
+)
+PREEMPTION_NOTICE = _event(
+    "preemption_notice",
+    "warning",
+    "The platform will reclaim this machine (the first notice; logged as it arrives): at the next "
+    "step boundary a checkpoint of kind `notice`, training going on; with preemption.on_notice stop, "
+    "a stop as on SIGTERM (exit 75). `deadline`: when the machine goes (ISO 8601, UTC; gcp: 30 s "
+    "after the notice; null: unknown); `action`: aws's terminate, stop or hibernate, else preempt.",
+    ("platform", "deadline", "action"),
 )
 HANDOVER_FAILED = _event(
     "handover_failed", "error", "The process to hand over to could not be started (exit 75).", ("message", "exit_code")

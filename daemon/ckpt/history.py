@@ -6,7 +6,8 @@
   the task's step metrics), as `progress` reports them;
 - `eval`: each completed epoch's evaluation, training loss, seconds and headline metric;
 - `resume`: each resume (the checkpoint's kind and step, the steps lost);
-- `checkpoint`: each emergency and on-demand checkpoint, written just before it (the marks of `trainer plot`).
+- `checkpoint`: each emergency, on-demand and notice checkpoint, written just before it (the marks of
+  `trainer plot`; `trainer status` shows a notice not followed by a resume).
 
 JSON lines because the file is only ever appended to, a line torn by a power loss is found (it does
 not parse) and dropped alone, and `jq` reads it as it reads the logs. On resume every record past
@@ -38,7 +39,7 @@ from daemon.ckpt.layout import HISTORY_FILE, UnusableFile, open_regular, set_asi
 if TYPE_CHECKING:
     from daemon.train.state import TrainProgress
 
-MARKED_KINDS = ("emergency", "on_demand")  # checkpoints the plot marks: a stop, a request
+MARKED_KINDS = ("emergency", "on_demand", "notice")  # checkpoints the plot marks: a stop, a request, a notice
 MAX_LINE_BYTES = 1 << 16  # a record is a few hundred bytes; a longer line is not one
 
 Types = tuple[type, ...]

@@ -27,7 +27,7 @@ import torch
 from daemon.ckpt.layout import CHECKPOINT_NAME
 
 FORMAT_VERSION = 1
-KINDS = ("periodic", "epoch", "emergency", "on_demand", "handover", "final")
+KINDS = ("periodic", "epoch", "emergency", "on_demand", "notice", "handover", "final")
 # What every checkpoint of this format holds besides the run's registered state (daemon/ckpt/registry.py):
 # where the run stands (TrainProgress) and what it was trained with.
 REQUIRED_KEYS = frozenset(

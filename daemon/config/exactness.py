@@ -41,6 +41,7 @@ RESUME_SAFE_PREFIXES = (
     "train.eval_batch_size",
     "checkpoint.",
     "log.",
+    "preemption.",
     "dist.",  # how the ranks are started; the world size they make is checked on its own (daemon/resume.py)
 )
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from daemon.config.loading import build, check_options, flatten, read_tree
 from daemon.errors import ConfigError
@@ -232,6 +233,35 @@ class DistConfig:
         return self.nproc_per_node > 1 or self.nnodes > 1
 
 
+PREEMPTION_NOTICES = ("auto", "aws", "gcp", "azure", "off")
+
+
+@dataclass(kw_only=True)
+class PreemptionConfig:
+    # Whose metadata service to poll for a preemption notice (daemon/service/preemption.py): "aws",
+    # "gcp", "azure", "auto" (whichever answers as its platform does) or "off". Off by default: off a
+    # cloud the link-local address may drop packets (seconds of probing) or belong to something else.
+    notice: str = "off"
+    # null: the platforms' link-local address, 169.254.169.254; a base URL such as http://127.0.0.1:8080
+    # replaces it (tests, proxies).
+    endpoint: str | None = None
+    # "checkpoint": a checkpoint at the next step, then training goes on; "stop": as SIGTERM (exit 75).
+    on_notice: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.notice in PREEMPTION_NOTICES, "preemption.notice", f"must be one of {', '.join(PREEMPTION_NOTICES)}"
+        )
+        _require(self.on_notice in ("checkpoint", "stop"), "preemption.on_notice", "must be 'checkpoint' or 'stop'")
+        if self.endpoint is not None:
+            url = urlsplit(self.endpoint)
+            _require(
+                url.scheme in ("http", "https") and bool(url.netloc) and not (url.query or url.fragment),
+                "preemption.endpoint",
+                f"{self.endpoint!r} is not a base URL such as http://127.0.0.1:8080",
+            )
+
+
 @dataclass(kw_only=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -242,6 +272,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -1,9 +1,9 @@
 """`trainer plot`: the metrics history of one run or several, drawn to a PNG.
 
 Top: the training loss (the epoch's mean so far, as recorded every `log.metrics_every_steps`)
-against the global step, each resume a dashed line and each emergency or on-demand checkpoint a
-mark. Bottom: the headline metric of each epoch's evaluation. Several runs are overlaid: an
-interrupted run drawn over an unbroken one shows one curve. matplotlib is imported here only, so
+against the global step, each resume a dashed line and each emergency, on-demand or notice
+checkpoint a mark. Bottom: the headline metric of each epoch's evaluation. Several runs are
+overlaid: an interrupted run drawn over an unbroken one shows one curve. matplotlib is imported here only, so
 that training's start-up does not pay for it.
 """
 
@@ -16,7 +16,7 @@ from daemon.ckpt.layout import HISTORY_FILE, UnusableFile
 from daemon.errors import ConfigError
 
 SIZE_INCHES, DPI = (10, 7), 100  # a 1000 x 700 PNG
-MARKERS = {"emergency": "v", "on_demand": "^"}
+MARKERS = {"emergency": "v", "on_demand": "^", "notice": "D"}
 
 
 def plot(run_dirs: list[Path], out: Path) -> int:

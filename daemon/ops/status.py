@@ -1,8 +1,9 @@
 """`trainer status`: the operator's one look at a run, from its checkpoint directory alone.
 
 The checkpoints (which one a run resumes from, each verified), the epochs so far, how often and
-from what the run was resumed (the metrics history), the newest checkpoint's age, whether a
-trainer holds the directory now, and an ETA from the recent rate.
+from what the run was resumed (the metrics history), a preemption notice the run got since it last
+resumed (its `notice` checkpoint's history record), the newest checkpoint's age, whether a trainer
+holds the directory now, and an ETA from the recent rate.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def report(cfg: Config) -> dict:
         "complete": complete,
         "history": _epochs(state, history.seconds),
         "resumes": dict(history.resumes),
+        "preemption_notice": history.notice,
         "eta_s": None if complete or total is None else _eta(history.recent_training, total),
         "metrics_history_unusable": history.unusable,
         "metrics_lines_dropped": history.dropped,
@@ -111,6 +113,7 @@ class HistorySummary:
     recent_training: deque[dict] = field(default_factory=lambda: deque(maxlen=RATE_RECORDS))  # since the last resume
     dropped: int = 0  # lines that are not records (the trainer may be writing the last one)
     unusable: str | None = None  # why the history could not be read at all
+    notice: dict | None = None  # the step and time of a notice checkpoint since the last resume
 
 
 def _read_history(directory: Path, epochs: set[int]) -> HistorySummary:
@@ -122,6 +125,9 @@ def _read_history(directory: Path, epochs: set[int]) -> HistorySummary:
             elif record["record"] == "resume":
                 summary.resumes[record["kind"]] += 1
                 summary.recent_training.clear()  # the rate of the process training now
+                summary.notice = None  # the machine that got it is gone, or the run went on elsewhere
+            elif record["record"] == "checkpoint" and record["kind"] == "notice":
+                summary.notice = {"global_step": record["global_step"], "time": record["time"]}
             elif record["record"] == "train":
                 summary.recent_training.append(record)
     except (UnusableFile, OSError) as exc:  # advisory: status reports it and shows the rest
@@ -216,6 +222,10 @@ def show(report: dict, as_json: bool) -> None:
     resumes = report["resumes"]
     kinds = ", ".join(f"{count} from {kind}" for kind, count in sorted(resumes.items()))
     print(f"resumed {sum(resumes.values())} times" + (f" ({kinds})" if kinds else ""))
+    notice = report.get("preemption_notice")
+    if notice:
+        age = _duration(time.time() - notice["time"])
+        print(f"preemption notice {age} ago: checkpointed at step {notice['global_step']}; the machine is going away")
     if report["run_in_progress"]:
         print(f"a run holds this directory ({describe(report['run_pid'])})")
     if report["resume_from"]:

@@ -8,6 +8,9 @@ previous checkpoint stays the newest valid one.
 
 SIGUSR1 asks for a checkpoint now; training goes on.
 
+A preemption notice (daemon/service/preemption.py, on a thread of its own) is recorded here too, as
+the request for a checkpoint or a stop that `preemption.on_notice` names.
+
 The entry point installs the handlers in its first lines (daemon/entry.py), so this module imports
 only what the interpreter has loaded at start-up anyway: no dataclasses (which pulls in inspect
 and ast, ~10-30 ms), which would widen the window in which a signal still kills the process.
@@ -47,6 +50,10 @@ class SignalRecorder:
         self.stops: list[SignalEvent] = []
         self.saves: list[SignalEvent] = []
         self._reported = 0
+        # Set once, by the preemption watcher's thread; a notice's stop is no signal, and never
+        # counts towards FORCE_EXIT_AFTER.
+        self.notice_save = False
+        self.notice_stop = False
 
     def install(self) -> None:
         for signum in (*STOP_SIGNALS, SAVE_SIGNAL):
@@ -64,21 +71,32 @@ class SignalRecorder:
                 os.write(1, SHOW_CURSOR)  # a live display hides it while it draws (daemon/service/live.py)
             os._exit(ExitCode.STOPPED)
 
+    def record_notice(self, *, stop: bool) -> None:
+        """A preemption notice: a request as SIGUSR1 makes one or, with `stop`, as SIGTERM does."""
+        if stop:
+            self.notice_stop = True
+        else:
+            self.notice_save = True
+
     @property
     def stop_requested(self) -> bool:
-        return bool(self.stops)
+        return bool(self.stops) or self.notice_stop
 
     @property
     def save_requested(self) -> bool:
-        return bool(self.saves)
+        return bool(self.saves) or self.notice_save
 
-    def take_save_request(self) -> SignalEvent | None:
-        """The oldest pending SIGUSR1, consumed; several pending ones make one checkpoint."""
+    def take_save_request(self) -> str | None:
+        """Every pending request for a checkpoint, consumed (several make one); the kind of that
+        checkpoint: `notice` where a preemption notice is among them, else `on_demand`; None: none."""
+        if self.notice_save:
+            self.notice_save = False  # set only once: no notice recorded meanwhile is lost
+            self.saves.clear()
+            return "notice"
         if not self.saves:
             return None
-        first = self.saves[0]
         self.saves.clear()
-        return first
+        return "on_demand"
 
     def unreported_stops(self) -> list[SignalEvent]:
         """Stop signals the loop has not logged yet (each is logged once)."""

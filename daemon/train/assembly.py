@@ -27,6 +27,7 @@ from daemon.errors import ConfigError
 from daemon.service import threads
 from daemon.service.contention import WaitAdvisor
 from daemon.service.notify import Notifier
+from daemon.service.preemption import PreemptionWatcher
 from daemon.service.progress import ProgressReporter
 from daemon.service.signals import SignalRecorder
 from daemon.service.threads import CpuSetting
@@ -58,9 +59,12 @@ class RunParts:
     notifier: Notifier
     cpu: CpuSetting
     run_lock: lock.RunLock | None  # the run lock, held by the writing process for the life of the run
+    watcher: PreemptionWatcher | None  # polls for a preemption notice, on the writing rank (preemption.notice)
 
     def close(self, *, keep_lock: bool = False) -> None:
         """`keep_lock`: the process hands the run over to its successor image, which adopts the lock."""
+        if self.watcher:
+            self.watcher.close()
         try:
             self.manager.close(keep_lease=keep_lock)
         finally:
@@ -183,6 +187,9 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
         fingerprint=manager.fingerprint,
         **({"test_samples": task.test_samples} if task.test_samples is not None else {}),
     )
+    # One rank watches: its request reaches the others with the agreement, so all act at one step.
+    watching = group.is_writer and cfg.preemption.notice != "off"
+    watcher = PreemptionWatcher(cfg.preemption, signals).start() if watching else None
     return RunParts(
         cfg=cfg,
         device=device,
@@ -202,6 +209,7 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
         notifier=notifier,
         cpu=cpu,
         run_lock=run_lock,
+        watcher=watcher,
     )
 
 

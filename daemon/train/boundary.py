@@ -1,11 +1,12 @@
 """The step boundary: the one safe point where what was recorded during a step becomes what the run
 does next.
 
-Signal handlers only record (daemon/service/signals.py); the periodic-save clock and the cpu_wait
-advisor only measure. After each optimizer step the boundary reads them, the ranks agree on them
-(daemon/dist/agreement.py), and the run acts: stop with an emergency checkpoint, save on request,
-save periodically, hand over to a process with another waiting policy, or go on. A run's end is one
-`Outcome`, as torch elastic's agent ends a run with one RunResult.
+Signal handlers and the preemption watcher only record (daemon/service/signals.py); the
+periodic-save clock and the cpu_wait advisor only measure. After each optimizer step the boundary
+reads them, the ranks agree on them (daemon/dist/agreement.py), and the run acts: stop with an
+emergency checkpoint, save on request (a SIGUSR1's or a preemption notice's), save periodically,
+hand over to a process with another waiting policy, or go on. A run's end is one `Outcome`, as
+torch elastic's agent ends a run with one RunResult.
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ class StepBoundary:
             return self.stop()
         self.manager.poll()
         if requests.save:
-            self.signals.take_save_request()  # every SIGUSR1 pending now: several make one checkpoint
+            # Every SIGUSR1 and preemption notice pending now makes one checkpoint; the rank that
+            # writes names it (another rank may have none pending).
+            kind = self.signals.take_save_request() or "on_demand"
             self.confirm_lock()
-            self.manager.save("on_demand", wait=True)
+            self.manager.save(kind, wait=True)
         elif not self._save_follows() and self.manager.periodic_due(by_clock=requests.periodic):
             self.confirm_lock()
             self.manager.save("periodic", wait=False)
