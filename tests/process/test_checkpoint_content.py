@@ -200,8 +200,17 @@ class InProcessRun:
 
 
 @pytest.fixture(scope="module")
-def in_process(mnist_root, tmp_path_factory) -> InProcessRun:
-    return InProcessRun(RunConfig(workdir=tmp_path_factory.mktemp("in-process"), data_root=mnist_root))
+def in_process(mnist_root, tmp_path_factory):
+    """On one intra-op thread: the hundreds of short runs below are tiny tensors, where a team of
+    threads only spins at its barriers (on a busy machine, most of their time). The thread count is
+    recorded in each checkpoint like any other; every run here, the reference too, uses this one.
+    The session's count is restored after (a used mutation may also have changed it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield InProcessRun(RunConfig(workdir=tmp_path_factory.mktemp("in-process"), data_root=mnist_root))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def saved(state: dict) -> bytes:
