@@ -21,6 +21,7 @@ Nothing here is imported unless checkpoint.remote is set: fsspec and the store's
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import re
@@ -215,15 +216,20 @@ class RemoteTier:
         with open(path, "rb") as file:
             size = file.seek(0, 2)
             file.seek(0)
-            sha256 = file_sha256(file)
-        manifest = Manifest(name, size, sha256, time.time())
-        existing = self._manifest(name)
+            # Hashed while the requests go out (hashlib releases the GIL): the file never changes once
+            # written, and bytes that did would fail the manifest's check, never pass it.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") as hashing:
+                sha256_of_file = hashing.submit(file_sha256, file)
+                existing = self._manifest(name)
+                if existing is None:
+                    self.fs.put_file(str(path), self._path(name))
+                sha256 = sha256_of_file.result()
         if existing is not None:
             if existing.sha256 == sha256:
                 return None
             # Another run's commit under this name: replacing its object would break its manifest.
             raise FileExistsError(f"{self.object_url(name)} is committed with other bytes")
-        self.fs.put_file(str(path), self._path(name))
+        manifest = Manifest(name, size, sha256, time.time())
         stored = self.fs.info(self._path(name))["size"]
         if stored != size:  # a store that dropped buffered data says so here, not at resume
             raise OSError(f"{self.object_url(name)} holds {stored} bytes after the upload, not {size}")
