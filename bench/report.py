@@ -336,14 +336,18 @@ def provenance(info: dict) -> str:
     )
 
 
-def update_docs(block: str) -> None:
-    """`block` in place of what DOCS holds between its markers."""
+def update_docs(
+    block: str, begin_marker: str = DOCS_BEGIN, begin_line: str = DOCS_BEGIN_LINE, end_marker: str = DOCS_END
+) -> None:
+    """`block` in place of what DOCS holds between a pair of markers: by default bench/run.py's;
+    bench/remote.py passes its own. The begin marker is found by its start and written anew as
+    `begin_line`."""
     text = DOCS.read_text()
-    begin = text.index(DOCS_BEGIN)
-    after_begin, end = text.index("-->", begin) + len("-->"), text.index(DOCS_END)
+    begin = text.index(begin_marker)
+    after_begin, end = text.index("-->", begin) + len("-->"), text.index(end_marker)
     if not after_begin <= end:
-        raise ValueError(f"{DOCS}: {DOCS_END} before {DOCS_BEGIN}")
-    DOCS.write_text(text[:begin] + DOCS_BEGIN_LINE + "\n" + block + "\n" + text[end:])
+        raise ValueError(f"{DOCS}: {end_marker} before {begin_marker}")
+    DOCS.write_text(text[:begin] + begin_line + "\n" + block + "\n" + text[end:])
 
 
 def machine() -> dict:
