@@ -115,14 +115,14 @@ class TrainerChild:
 
     def wait_for(
         self,
-        event: str,
+        event: str | None,
         silence: float = 90,
         where: Where = lambda _: True,
         nth: int = 1,
         after: object = None,
         **fields,
     ) -> dict:
-        """The `nth` event named `event` with these field values (and that `where` accepts) logged
+        """The `nth` event named `event` (any, if None) with these field values (and that `where` accepts) logged
         after the previous match of a wait_for (`after`: after that record instead; START: from the
         first line), waiting for it. Raises TimeoutError after `silence` s without output,
         ChildExited if the output ends first."""

@@ -197,9 +197,11 @@ class Verifier:
             )
             return event["checkpoint_global_step"]
 
-        def resumed(child: TrainerChild) -> dict:
-            event = child.wait_for("resumed", SILENCE_S)
-            return {"kind": event["kind"], "global_step": event["global_step"]}
+        def resumed(child: TrainerChild) -> dict | None:
+            """What the restart resumed from; None: it started afresh, which a new machine does when
+            the remote tier had no checkpoint committed yet (the run was killed before its first upload)."""
+            event = child.wait_for(None, SILENCE_S, where=lambda e: e.get("event") in ("resumed", "fresh_start"))
+            return {"kind": event["kind"], "global_step": event["global_step"]} if event["event"] == "resumed" else None
 
         first = self._start("interrupted", every)
         try:
@@ -217,7 +219,8 @@ class Verifier:
         second = self._start("interrupted", every)
         try:
             done[-1].resumed_from = resumed(second)
-            step = after(second, done[-1].resumed_from["global_step"] + 1)
+            from_step = done[-1].resumed_from["global_step"] if done[-1].resumed_from else 0
+            step = after(second, from_step + 1)
             second.signal(signal.SIGTERM)
             done.append(Interruption("SIGTERM", step))
             if second.wait(SILENCE_S) == ExitCode.COMPLETE and second.events("training_completed"):
