@@ -55,7 +55,6 @@ Writes bench/results/remote.json and prints the tables with a PASS/FAIL per targ
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -73,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import BenchError, daemon, finish
-from bench.report import DOCS, Table, as_markdown, as_text, cpu_ticks, machine, mmm, provenance, spread, update_docs
+from bench.report import DOCS, Table, as_markdown, as_text, cpu_ticks, mmm, provenance, run_info, spread, update_docs
 from bench.scenarios import BIG_HIDDEN, MLP_WARMUP_STEPS, TINY_PROGRESS
 from daemon.builtin.mnist_files import prepare_mnist
 from daemon.ops.child import START, TrainerChild, event_time
@@ -488,17 +487,8 @@ def main() -> int:
         if s3 is not None:
             s3.stop()
         shutil.rmtree(work, ignore_errors=True)
-    spent = [after - before for before, after in zip(ticks, cpu_ticks(), strict=False)]
-    steal = spent[7] / max(sum(spent), 1)  # /proc/stat: user nice system idle iowait irq softirq steal
     figures, checks = summarize(bench.samples)
-    info = {
-        "command": " ".join([".venv/bin/python", "-m", "bench.remote", *sys.argv[1:]]),
-        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="minutes"),
-        "wall_s": round(time.time() - started, 1),
-        "plan": plan.__dict__,
-        "machine": machine(),
-        "noise": f"load average {os.getloadavg()[0]:.2f} at the end, CPU steal {steal:.1%} during the run",
-    }
+    info = run_info("bench.remote", started, ticks, plan)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**info, "figures": figures, "targets": checks, "samples": bench.samples}, indent=2))
     print("\n\n".join([provenance(info), *map(as_text, tables(figures, checks))]))

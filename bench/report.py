@@ -3,10 +3,13 @@ and markdown for docs/benchmark.md)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import platform
 import statistics
+import sys
+import time
 
 from bench.processes import REPO
 from bench.scenarios import CONTENDED, TASK, THROUGHPUT
@@ -325,6 +328,21 @@ def as_markdown(table: Table) -> str:
     lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_info(module: str, started: float, ticks: list[int], plan: object) -> dict:
+    """Where and how a benchmark ran: its command, start, wall time, plan, machine and noise (the load
+    at the end, the CPU steal since `ticks` were read at `started`)."""
+    spent = [after - before for before, after in zip(ticks, cpu_ticks(), strict=False)]
+    steal = spent[7] / max(sum(spent), 1)  # /proc/stat: user nice system idle iowait irq softirq steal
+    return {
+        "command": " ".join([".venv/bin/python", "-m", module, *sys.argv[1:]]),
+        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="minutes"),
+        "wall_s": round(time.time() - started, 1),
+        "plan": plan.__dict__,
+        "machine": machine(),
+        "noise": f"load average {os.getloadavg()[0]:.2f} at the end, CPU steal {steal:.1%} during the run",
+    }
 
 
 def provenance(info: dict) -> str:

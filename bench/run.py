@@ -57,9 +57,7 @@ into figures, targets and tables.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -72,8 +70,8 @@ from bench.report import (
     as_markdown,
     as_text,
     cpu_ticks,
-    machine,
     provenance,
+    run_info,
     summarize,
     tables,
     update_docs,
@@ -105,17 +103,8 @@ def main() -> int:
         bench.run(lambda message: print(f"[{time.time() - started:6.1f} s] {message}", file=sys.stderr, flush=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    spent = [after - before for before, after in zip(ticks, cpu_ticks(), strict=False)]
-    steal = spent[7] / max(sum(spent), 1)  # /proc/stat: user nice system idle iowait irq softirq steal
     figures, checks = summarize(bench.samples)
-    info = {
-        "command": " ".join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]]),
-        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="minutes"),
-        "wall_s": round(time.time() - started, 1),
-        "plan": plan.__dict__,
-        "machine": machine(),
-        "noise": f"load average {os.getloadavg()[0]:.2f} at the end, CPU steal {steal:.1%} during the run",
-    }
+    info = run_info("bench.run", started, ticks, plan)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**info, "figures": figures, "targets": checks, "samples": bench.samples}, indent=2))
     print("\n\n".join([provenance(info), *map(as_text, tables(figures, checks))]))
