@@ -11,7 +11,9 @@ before a handover re-executed it. A takeover is logged (`lease_taken_over`).
 
 A holder that could not renew in time may find its lease taken over: its renewal thread sees
 another token, and the run stops at the next step (`lease_lost`, exit 69). Every upload confirms
-the token before it commits, so a run that lost its lease never commits again. The window left:
+the lease before it commits, so a run that lost its lease never commits again: by reading the
+token back, unless this run wrote the lease less than half its lapse ago (no other run takes over
+a lease before it lapses, and the half leaves room for clocks that disagree). The window left:
 two runs taking over one lapsed lease at the same moment both delete and create; the later
 create fails for one of them, or, if both creates land in turn, the first holder's next renewal
 or upload finds the other's token and stops.
@@ -87,6 +89,7 @@ class Lease:
         self.host = socket.gethostname()
         self.lost: str | None = None  # who holds it now, once another run took it over
         self._stop = threading.Event()
+        self._written_at = -float("inf")  # time.monotonic() of this run's last write of the lease
 
     def _record(self) -> bytes:
         holder = {"host": self.host, "pid": os.getpid(), "token": self.token}
@@ -97,7 +100,9 @@ class Lease:
         when the prefix cannot be written; RemoteUnreachable (69) when the store does not answer."""
         for _ in range(3):  # a lease removed or taken over between two requests: look again
             try:
+                written_at = time.monotonic()
                 self.tier.create(LEASE_OBJECT, self._record())
+                self._written_at = written_at
                 break
             except FileExistsError:
                 data = self.tier.read_small(LEASE_OBJECT)
@@ -149,7 +154,9 @@ class Lease:
         while not self._stop.wait(self.seconds / 3):
             try:
                 self.confirm_remote()
+                written_at = time.monotonic()
                 self.tier.write_small(LEASE_OBJECT, self._record())
+                self._written_at = written_at
             except LeaseLost:
                 return
             except Exception:  # noqa: BLE001 -- retried at the next renewal; the uploads report the outage
@@ -163,6 +170,13 @@ class Lease:
                 return
             self.lost = holder.describe() if holder else "nobody (the lease was removed)"
         raise LeaseLost(f"another run took over the lease of {self.tier.url}: {self.lost}", holder=self.lost)
+
+    def confirm_before_commit(self) -> None:
+        """Raise LeaseLost unless this run still holds the lease: known from its own recent write, or
+        read back (see the module's docstring)."""
+        if self.lost is None and time.monotonic() - self._written_at < self.seconds / 2:
+            return
+        self.confirm_remote()
 
     def confirm(self) -> None:
         """At each step boundary: raise LeaseLost once the renewals found the lease taken over."""

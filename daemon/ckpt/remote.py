@@ -117,6 +117,14 @@ class RemoteTier:
         self.url = url.rstrip("/")
         self.options = options
         self.fs, self.root = self._connect()
+        # S3 refuses a put whose body falls short of its Content-Length, and botocore sends a checksum
+        # of the body that the server verifies: a put that succeeded stored every byte. Other stores'
+        # objects have their size read back before the manifest names them.
+        self._put_is_whole = any(protocol in ("s3", "s3a") for protocol in _protocols(self.fs))
+        # Every name with a manifest when the prefix was last listed, and those this run committed
+        # since; None before a listing. Under the lease nobody else commits, so only these names
+        # need a look for an earlier commit before an upload.
+        self._manifested: set[str] | None = None
 
     def _connect(self) -> tuple[Any, str]:
         try:
@@ -201,6 +209,7 @@ class RemoteTier:
             except FileNotFoundError:  # pruned meanwhile by the run that holds the lease
                 continue
         found.sort(key=lambda m: (m.global_step, m.kind in ("epoch", "final"), m.committed_at), reverse=True)
+        self._manifested = {m.name for m in found} | {name.removesuffix(MANIFEST_SUFFIX) for name, _ in bad}
         return found, bad
 
     def names(self) -> list[str]:
@@ -211,8 +220,9 @@ class RemoteTier:
             return []
 
     def upload(self, path: Path, name: str) -> Manifest | None:
-        """Commit the local checkpoint `path` as `name`: the object, its size read back, then its
-        manifest (create-only). None: `name` is committed already with these bytes."""
+        """Commit the local checkpoint `path` as `name`: the object (its size read back where the
+        store's put does not guarantee it), then its manifest (create-only). None: `name` is
+        committed already with these bytes. Called only while this run holds the prefix's lease."""
         with open(path, "rb") as file:
             size = file.seek(0, 2)
             file.seek(0)
@@ -220,7 +230,8 @@ class RemoteTier:
             # written, and bytes that did would fail the manifest's check, never pass it.
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") as hashing:
                 sha256_of_file = hashing.submit(file_sha256, file)
-                existing = self._manifest(name)
+                may_exist = self._manifested is None or name in self._manifested
+                existing = self._manifest(name) if may_exist else None
                 if existing is None:
                     self.fs.put_file(str(path), self._path(name))
                 sha256 = sha256_of_file.result()
@@ -230,10 +241,13 @@ class RemoteTier:
             # Another run's commit under this name: replacing its object would break its manifest.
             raise FileExistsError(f"{self.object_url(name)} is committed with other bytes")
         manifest = Manifest(name, size, sha256, time.time())
-        stored = self.fs.info(self._path(name))["size"]
-        if stored != size:  # a store that dropped buffered data says so here, not at resume
-            raise OSError(f"{self.object_url(name)} holds {stored} bytes after the upload, not {size}")
+        if not self._put_is_whole:
+            stored = self.fs.info(self._path(name))["size"]
+            if stored != size:  # a store that dropped buffered data says so here, not at resume
+                raise OSError(f"{self.object_url(name)} holds {stored} bytes after the upload, not {size}")
         self.create(name + MANIFEST_SUFFIX, manifest.as_json())
+        if self._manifested is not None:
+            self._manifested.add(name)
         return manifest
 
     def _manifest(self, name: str) -> Manifest | None:

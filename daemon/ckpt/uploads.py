@@ -85,7 +85,7 @@ class Uploader:
             started = time.perf_counter()
             events.UPLOAD_STARTED.emit(name=path.name, bytes=size, url=self.tier.object_url(path.name))
             try:
-                self.lease.confirm_remote()  # never commit once another run holds the prefix
+                self.lease.confirm_before_commit()  # never commit once another run holds the prefix
                 manifest = self.tier.upload(path, path.name)
             except LeaseLost:
                 return  # the loop stops at its next step (Lease.confirm)

@@ -84,6 +84,27 @@ def test_a_second_manifest_for_a_committed_name_is_refused(tmp_path):
         tier.create(name + MANIFEST_SUFFIX, b"{}")
 
 
+@pytest.mark.parametrize("listed_first", [True, False], ids=["after a listing", "without one"])
+def test_an_upload_never_replaces_an_earlier_commit_of_its_name(tmp_path, listed_first):
+    tier = RemoteTier(f"file://{tmp_path}/remote", {})
+    tier.check_usable()
+    name = committed(tier, 10)
+    if listed_first:  # the resume's listing: uploads then look only at names it found committed
+        tier.committed()
+    local = tmp_path / name
+    local.write_bytes(b"other bytes")
+
+    with pytest.raises(FileExistsError):
+        tier.upload(local, name)
+
+    assert tier.fs.cat_file(f"{tier.root}/{name}") == name.encode()
+    fresh = tmp_path / "ckpt-0000000020-periodic.pt"
+    fresh.write_bytes(b"step 20")
+    assert tier.upload(fresh, fresh.name) is not None
+    assert tier.upload(fresh, fresh.name) is None  # committed already, with these bytes
+    assert [m.name for m in tier.committed()[0]] == [fresh.name, name]
+
+
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
