@@ -6,6 +6,7 @@ A test's tier is the folder it lives in, and is its marker (registered in pyproj
     tests/process/  the real trainer, as CLI processes with real signals (-m process)
     tests/dist/     several ranks: torch's elastic agent, torchrun, gloo (-m dist)
     tests/systemd/  a real systemd booted in namespaces, as root         (-m systemd)
+    tests/slurm/    a real one-node SLURM cluster, batch jobs, as root   (-m slurm)
 
 The helpers beside this file (trainer_proc, tiny_task, checkpoint_files) are importable from every
 tier: pyproject.toml puts tests/ on the path.
@@ -22,7 +23,7 @@ from daemon.builtin.mnist_files import prepare_mnist
 from trainer_proc import RunConfig, TrainerProcess, final_checkpoint
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "process", "dist", "systemd")
+TIERS = ("unit", "process", "dist", "systemd", "slurm")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
