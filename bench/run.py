@@ -46,6 +46,11 @@ medians.
    copy's, on the costlier rank); peak RSS per rank (VmHWM); a SIGTERM to the daemon's launcher
    50 steps in until rank 0's emergency checkpoint is durable, against 2 steps (the agreement acts
    at most two step boundaries after a signal) + 1.25 × a raw save of that checkpoint.
+10. The save budget: (d budget 1%, 2%, 5%), the daemon with checkpoint.max_overhead 0.01, 0.02,
+   0.05 in the throughput rotation; the overhead measured, each epoch's seconds against (c)'s of
+   the same repetition (whose only save is the epoch's), beside the interval the run chose (its
+   last `save_policy` event), the save cost and step time it measured, the overhead it expected,
+   and its periodic saves; the target: the overhead measured within the budget + 0.5 point.
 
 Writes bench/results/latest.json and prints a table with a PASS/FAIL per target; with
 `--update-docs`, writes the tables into docs/benchmark.md too, between its `bench:` markers.

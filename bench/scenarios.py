@@ -26,11 +26,13 @@ SIGKILL_ATTEMPTS = 5  # tries at landing a SIGKILL inside a background write
 RAW_PAUSE_S = {"mlp": 1, "big": 5}
 # glibc's malloc set as the daemon sets it at start (daemon/service/allocator.py), for the fair floor (a tuned).
 TUNED_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"}
-THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "c_1t", "d_1t")
+# checkpoint.max_overhead's contenders: the interval chosen from measurements, against (c)'s epoch.
+BUDGETS = {"d_budget_1": 0.01, "d_budget_2": 0.02, "d_budget_5": 0.05}
+THROUGHPUT = ("a", "a_tuned", "b", "c", "c_active", "d", "d_sync", "c_1t", "d_1t", *BUDGETS)
 TASK = ("cnn_daemon", "cnn_plain")  # examples/mnist_cnn.yaml through the daemon; plain_cnn.py
 EXAMPLE_CONFIG = REPO / "examples" / "mnist_cnn.yaml"
 CONTENDED = ("c", "c_active", "a_tuned")  # each quiet, then beside cores + 1 busy loops
-DAEMON_POLICIES = {
+DAEMON_POLICIES: dict[str, dict] = {
     "c": {},
     "c_active": {"train.cpu_wait": "active"},  # libgomp's own waiting, the daemon's default before train.cpu_wait
     "d": {"checkpoint.every_steps": 50, "log.level": "debug"},  # debug: the `checkpoint_snapshot` stall events
@@ -39,6 +41,7 @@ DAEMON_POLICIES = {
     # cost when they do not compete with the training's threads for the cores.
     "c_1t": {"train.cpu_threads": 1},
     "d_1t": {"checkpoint.every_steps": 50, "train.cpu_threads": 1},
+    **{contender: {"checkpoint.max_overhead": budget} for contender, budget in BUDGETS.items()},
 }
 RANKS = 2
 # Both sides of the several-ranks comparison run one thread per rank (torchrun's default), no checkpoints.
@@ -135,6 +138,10 @@ class Bench:
                 for event in child.events("checkpoint_saved"):
                     if event["kind"] == "periodic":
                         self.record("stall.mlp.sync_ms", event["duration_ms"])
+            if contender in BUDGETS:
+                policy = child.events("save_policy")[-1]  # the interval in force at the epoch's end
+                saves = len(child.events("checkpoint_saved", kind="periodic"))
+                self.record(f"budget.{contender}", {**policy, "periodic_saves": saves})
         self.record(f"throughput.{contender}.seconds", seconds)
         self.record(f"memory.{contender}.max_rss", child.max_rss_bytes)
 

@@ -31,6 +31,8 @@ Where each fires, in a run of `trainer run`::
                 SIGUSR1 agreed .................... checkpoint_saved on_demand
                 preemption notice agreed .......... checkpoint_saved notice (on_notice: checkpoint),
                                                     or as a stop: checkpoint_saved emergency, stopped
+                with checkpoint.max_overhead, a periodic save's cost measured
+                    and the interval changed ...... save_policy
                 periodic save due ................. [checkpoint_snapshot], later checkpoint_saved periodic
                 every log.progress_every_seconds .. progress
                 cpu_wait switch due ............... cpu_wait_switch, checkpoint_saved handover,
@@ -240,6 +242,30 @@ CHECKPOINT_SNAPSHOT = _event(
     "debug",
     "A periodic save's snapshot was taken; the loop went on while it is written.",
     ("kind", "stall_ms"),
+)
+SAVE_POLICY = _event(
+    "save_policy",
+    "info",
+    "checkpoint.max_overhead: the periodic interval changed (`reason`: first, over_budget, rarer_than_needed, "
+    "young_daly), chosen from the measurements beside it: `save_ms` what a periodic save costs the loop (its "
+    "stall and the slowdown of the steps its write overlaps), `write_ms` the write's own duration, `step_ms` a "
+    "step outside saves; `overhead` the share of the training time the saves cost at `interval_steps`; "
+    "`young_daly_steps` Young/Daly's interval with checkpoint.mtbf_hours (else null); `expected_loss_steps` "
+    "and `expected_loss_s` what a crash makes the run redo on average (half an interval and a write).",
+    (
+        "interval_steps",
+        "interval_s",
+        "save_ms",
+        "write_ms",
+        "step_ms",
+        "overhead",
+        "max_overhead",
+        "young_daly_steps",
+        "expected_loss_steps",
+        "expected_loss_s",
+        "reason",
+    ),
+    at_position=True,
 )
 CHECKPOINT_SKIPPED = _event(
     "checkpoint_skipped", "info", "No save: the newest checkpoint holds this very step.", ("reason",), at_position=True

@@ -3,11 +3,14 @@ atomic writer that puts each in place.
 
     ckpt-<global step, 10 digits>-<kind>.pt   a checkpoint (names sort by step)
     ckpt-...pt.invalid                        a checkpoint found invalid, set aside for inspection
+    ckpt-<global step>-<kind>.dcp/            a sharded checkpoint (dist.strategy: fsdp), a directory
+                                              (daemon/ckpt/sharded.py); set aside as ckpt-...dcp.invalid/
     run.lock                                  held by the run training here (daemon/ckpt/lock.py)
     crash-record.json                         the crash-loop guard's record (daemon/ckpt/crashloop.py)
     last-logged-step.json                     the step trained to, marked at least every 0.5 s (daemon/ckpt/logged_step.py)
     metrics.jsonl                             the metrics history (daemon/ckpt/history.py)
     remote-state.json                         the uploads to checkpoint.remote, for `trainer status` (daemon/ckpt/uploads.py)
+    save-policy.json                          checkpoint.max_overhead's interval in force, for `trainer status` (daemon/ckpt/saving.py)
     <record>.invalid                          an advisory record (metrics.jsonl, crash-record.json,
                                               last-logged-step.json, remote-state.json) found unusable, set aside
     .tmp-<name>.<pid>.<random>                a file being written; left behind only by a killed writer
@@ -31,17 +34,23 @@ from typing import Any, BinaryIO
 from daemon import events
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
+SHARDED_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.dcp$")
 INVALID_SUFFIX = ".invalid"
 LOCK_FILE = "run.lock"
 CRASH_RECORD_FILE = "crash-record.json"
 LOGGED_STEP_FILE = "last-logged-step.json"
 HISTORY_FILE = "metrics.jsonl"
 REMOTE_STATE_FILE = "remote-state.json"
+SAVE_POLICY_FILE = "save-policy.json"
 TEMP_PREFIX = ".tmp-"
 
 
 def checkpoint_name(global_step: int, kind: str) -> str:
     return f"ckpt-{global_step:010d}-{kind}.pt"
+
+
+def sharded_name(global_step: int, kind: str) -> str:
+    return f"ckpt-{global_step:010d}-{kind}.dcp"
 
 
 def write_atomic(directory: Path, name: str, write: Callable[[BinaryIO], object], *, durable: bool) -> int:

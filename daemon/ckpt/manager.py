@@ -31,9 +31,11 @@ from daemon.ckpt.remote import RemoteTier
 from daemon.ckpt.resume import Resumer
 from daemon.ckpt.saving import Saver
 from daemon.ckpt.schema import FORMAT_VERSION, CheckpointSchema, RunShape
+from daemon.ckpt.sharded import ShardedStore
 from daemon.ckpt.store import CheckpointStore
 from daemon.ckpt.uploads import Uploader
 from daemon.config.sections import CheckpointConfig
+from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
     from daemon.dist.group import ProcessGroup
@@ -64,7 +66,11 @@ class CheckpointManager:
         self.fingerprint = fingerprint
         self._parameters, self._optimizer_probe, self._shape = parameters, optimizer_probe, shape  # for the schema
         self.registry = StateRegistry()
-        self.store = CheckpointStore(Path(cfg.dir), cfg.keep_last)
+        # A sharded run's checkpoints are directories every rank writes to (daemon/ckpt/sharded.py).
+        self.store = (ShardedStore if group.shards else CheckpointStore)(Path(cfg.dir), cfg.keep_last)
+        if cfg.remote and group.shards:
+            # TODO(sharded-remote): upload a sharded checkpoint's directory with the same commit rule.
+            raise ConfigError("checkpoint.remote: not yet for dist.strategy: fsdp; leave it unset for a sharded run")
         self.logged = LoggedStep(self.store.directory)
         self.history = MetricsHistory(self.store.directory, progress) if group.is_writer else None
         # The remote tier, on the writing rank: reachable and leased to this run before training starts.
@@ -78,7 +84,16 @@ class CheckpointManager:
             self.lease.acquire()
             self.uploads = Uploader(remote, self.lease, self.store.directory, cfg.keep_last)
         writer = group.writer(self.store) if cfg.async_save else None
-        self.saver = Saver(cfg, group.store(self.store), writer, self.state_dict, progress, self.logged, self.uploads)
+        self.saver = Saver(
+            cfg,
+            group.store(self.store),
+            writer,
+            self.state_dict,
+            progress,
+            self.logged,
+            self.uploads,
+            chooses_interval=group.is_writer,
+        )
         self.resumer = Resumer(
             self.store,
             self.logged,
@@ -156,8 +171,8 @@ class CheckpointManager:
         return self.saver.due_by_clock()
 
     def periodic_due(self, *, by_clock: bool) -> bool:
-        """A periodic save is due after this step: `checkpoint.every_steps`, or the clock (`by_clock`,
-        as the ranks agreed on it)."""
+        """A periodic save is due after this step: `checkpoint.every_steps`, or the clock (`by_clock`:
+        every_seconds, or checkpoint.max_overhead's interval, as the ranks agreed on it)."""
         return self.saver.due_by_steps() or by_clock
 
     def save(self, kind: str, *, wait: bool) -> None:

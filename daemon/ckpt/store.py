@@ -210,10 +210,18 @@ class CheckpointStore:
                     kept += entry.path.name in self._known_good
                     continue
                 try:
-                    entry.path.unlink(missing_ok=True)
+                    self._delete(entry.path)
                 except OSError as exc:
                     raise self._write_error(f"cannot delete old checkpoint {entry.path}", exc) from None
                 self._known_good.discard(entry.path.name)
+
+    @staticmethod
+    def _delete(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _move_aside(path: Path, aside: Path) -> None:
+        os.replace(path, aside)
 
     def scan(self) -> list[Entry]:
         """Every checkpoint file, newest first, each verified in full (for `trainer status`)."""
@@ -261,7 +269,7 @@ class CheckpointStore:
                 return entry
             aside = entry.path.with_name(entry.path.name + INVALID_SUFFIX)
             try:
-                os.replace(entry.path, aside)
+                self._move_aside(entry.path, aside)
             except OSError as exc:
                 raise self._write_error(
                     f"cannot set aside invalid checkpoint {entry.path} ({entry.reason})", exc

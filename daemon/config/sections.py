@@ -159,6 +159,13 @@ class CheckpointConfig:
     every_seconds: float = 60.0  # also save when this long has passed since the last save (0: off)
     keep_last: int = 3  # valid checkpoints kept; older ones are deleted after each save
     async_save: bool = True  # periodic saves are written by a background thread from an in-memory snapshot
+    # The share of the training time periodic saves may cost (e.g. 0.02): the daemon measures what each
+    # save costs the loop and chooses the interval from it (daemon/ckpt/budget.py), in place of
+    # every_steps and every_seconds. null: those fixed intervals.
+    max_overhead: float | None = None
+    # The mean time between failures of this run's machines: with max_overhead, the interval follows
+    # Young/Daly's sqrt(2 * save cost * MTBF) where that is longer than the budget needs. null: the budget alone.
+    mtbf_hours: float | None = None
     # The remote tier (daemon/ckpt/remote.py): an fsspec URL such as s3://bucket/prefix that every
     # checkpoint is uploaded to in the background, and resumed from on a machine whose dir is empty.
     remote: str | None = None
@@ -176,6 +183,7 @@ class CheckpointConfig:
         _check_remote(self)
         _require(self.every_seconds >= 0, "checkpoint.every_seconds", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _check_budget(self)
         # Found now, not at the first save after an epoch of training.
         _require(
             Path(self.dir).is_dir() or not Path(self.dir).exists(),
@@ -201,6 +209,7 @@ class LogConfig:
 
 
 BACKENDS = ("auto", "gloo", "nccl")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(kw_only=True)
@@ -213,6 +222,10 @@ class DistConfig:
     max_restarts: int = 0  # restarts of the rank group after a rank crashed or was killed (not after a stop)
     backend: str = "auto"  # "auto": gloo on the CPU, nccl on CUDA
     timeout_seconds: float = 300.0  # a collective that waits longer for a rank fails the run instead of hanging it
+    # "ddp": every rank holds the whole model, rank 0 writes one checkpoint file; "fsdp": the model and
+    # the optimizer's state sharded over the ranks (FSDP2), each checkpoint a directory every rank writes
+    # its shard to (docs/distributed.md#fsdp-sharded-models). Needs several ranks.
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         _require(self.nproc_per_node >= 1, "dist.nproc_per_node", "must be >= 1")
@@ -220,6 +233,7 @@ class DistConfig:
         _require(self.max_restarts >= 0, "dist.max_restarts", "must be >= 0")
         _require(self.backend in BACKENDS, "dist.backend", f"must be one of {', '.join(BACKENDS)}")
         _require(self.timeout_seconds > 0, "dist.timeout_seconds", "must be > 0")
+        _require(self.strategy in STRATEGIES, "dist.strategy", f"must be one of {', '.join(STRATEGIES)}")
         host, sep, port = self.rdzv_endpoint.rpartition(":")
         _require(
             bool(sep and host) and port.isdigit() and 0 < int(port) < 65536,
@@ -332,6 +346,20 @@ def _check_remote(cfg: CheckpointConfig) -> None:
         )
     _require(cfg.remote_stop_timeout_seconds > 0, "checkpoint.remote_stop_timeout_seconds", "must be > 0")
     _require(cfg.remote_lease_seconds >= 3, "checkpoint.remote_lease_seconds", "must be >= 3")
+
+
+def _check_budget(cfg: CheckpointConfig) -> None:
+    if cfg.max_overhead is None:
+        _require(cfg.mtbf_hours is None, "checkpoint.mtbf_hours", "needs checkpoint.max_overhead, which clips it")
+        return
+    # Past half the time, saving is what the run does: a fraction, not a percentage, was meant.
+    _require(0 < cfg.max_overhead <= 0.5, "checkpoint.max_overhead", "must be in (0, 0.5] (0.02: 2%) or null")
+    _require(
+        cfg.every_steps == 0,
+        "checkpoint.every_steps",
+        "set with checkpoint.max_overhead, which chooses the interval: set one of them",
+    )
+    _require(cfg.mtbf_hours is None or cfg.mtbf_hours > 0, "checkpoint.mtbf_hours", "must be > 0 or null")
 
 
 def _require(condition: bool, key: str, problem: str) -> None:

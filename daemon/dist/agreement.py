@@ -1,8 +1,9 @@
 """The agreement: every rank acts on the same stop and save requests after the same step.
 
-The requests travel with the gradients (DDP reduces them in a bucket with the model's), so a
+Under DDP the requests travel with the gradients (DDP reduces them in a bucket with the model's), so a
 signal that reached any rank is acted on by all of them at most two step boundaries later, with
-no collective of its own per step.
+no collective of its own per step. Under FSDP, which shards every gradient, `BoundaryAgreement`
+reduces them at each step boundary instead.
 """
 
 from __future__ import annotations
@@ -139,3 +140,52 @@ class _HandFlags(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         return grad, ctx.agreement.local_flags(), None
+
+
+class BoundaryAgreement:
+    """The agreement where no DDP bucket carries the flags: FSDP reduce-scatters each gradient into
+    shards, so a parameter of the flags' own would reach each rank only in part. One small all_reduce
+    of this rank's flags at each step boundary instead (the handlers still only record; the ranks
+    agree here, never inside a handler): a request recorded before a boundary is acted on at it."""
+
+    def __init__(self, group: dist.ProcessGroup, local: Callable[[], Requests]) -> None:
+        self.group = group
+        self._local = local
+        self.boundaries = self.steps = 0
+        self.read_s = self.steps_s = 0.0
+        self._last_boundary: float | None = None
+
+    def carry(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def settle(self) -> Requests:
+        started = time.perf_counter()
+        local = self._local()
+        flags = torch.tensor((local.stop, local.save, local.periodic), dtype=torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop, save, periodic = flags.tolist()
+        now = time.perf_counter()
+        self.read_s += now - started
+        if self._last_boundary is not None:
+            self.steps_s += now - self._last_boundary
+            self.steps += 1
+        self._last_boundary = now
+        self.boundaries += 1
+        return Requests(stop=bool(stop), save=bool(save), periodic=bool(periodic))
+
+    def stop_agreed(self, stop: bool) -> bool:
+        self._last_boundary = None  # an evaluation or a save between epochs is no step
+        asked = torch.tensor([stop], dtype=torch.uint8)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(asked.item())
+
+    def cost(self) -> dict:
+        read_ms = self.read_s / max(self.boundaries, 1) * 1e3  # the all_reduce, waits for the slowest rank included
+        step_ms = self.steps_s / max(self.steps, 1) * 1e3
+        return {
+            "boundaries": self.boundaries,
+            "hand_ms_mean": 0.0,
+            "read_ms_mean": round(read_ms, 4),
+            "step_ms_mean": round(step_ms, 3),
+            "share_of_step_percent": round(100 * read_ms / step_ms, 2) if self.steps else 0.0,
+        }

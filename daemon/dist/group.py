@@ -1,8 +1,8 @@
 """The processes a run trains with, behind one Protocol: `Solo` (a process started without RANK in
 its environment trains alone, and does nothing collective) and `Ranks` (one rank of a process group
 that a launcher started: DDP, the agreement on requests, rank-keyed state, the checkpoint as every
-rank sees it: rank 0 reads and writes it, and no rank goes on before a save is durable). The loop
-has one shape for both.
+rank sees it: rank 0 reads and writes it, and no rank goes on before a save is durable); `Sharded`
+(daemon/dist/fsdp.py) extends `Ranks` for `dist.strategy: fsdp`. The loop has one shape for all.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from daemon.ckpt.writer import BackgroundWriter
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import Agreement, Requests
 from daemon.dist.rank_state import RANK_KEY, NoWriter, OwnState, RankKeyed, RankZeroStore, pickled, unpickled
-from daemon.errors import TrainerError
+from daemon.errors import ConfigError, TrainerError
 
 
 def rank_from_env() -> tuple[int, int, int] | None:
@@ -47,6 +47,7 @@ class ProcessGroup(Protocol):
     rank: int
     world_size: int
     is_writer: bool  # writes the checkpoints, the run directory's files and the history (rank 0)
+    shards: bool  # the model and the optimizer's state are sharded: checkpoints are directories (daemon/dist/fsdp.py)
 
     def place(self, device: torch.device) -> torch.device: ...
 
@@ -54,7 +55,10 @@ class ProcessGroup(Protocol):
         """After the model's initialisation: each rank's own RNG stream from here."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model as the steps run it."""
+        """The model as the steps run it; before the optimizer takes its parameters."""
+
+    def checkpointed(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Stateful, Stateful]:
+        """The model and the optimizer as the checkpoint holds them."""
 
     def carry(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss a backward starts from."""
@@ -87,6 +91,7 @@ class Solo:
     rank = 0
     world_size = 1
     is_writer = True
+    shards = False
 
     def __init__(self, local: Callable[[], Requests]) -> None:
         self.local = local  # the pending requests, which nobody else need agree on
@@ -99,6 +104,9 @@ class Solo:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def checkpointed(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Stateful, Stateful]:
+        return model, optimizer
 
     def carry(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -135,6 +143,7 @@ class Ranks:
     """This process as one rank of a process group that the elastic launcher (or torchrun) started."""
 
     is_writer: bool
+    shards = False
 
     def __init__(
         self,
@@ -174,6 +183,9 @@ class Ranks:
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return self.agreement.replicate(model, device_ids)
+
+    def checkpointed(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Stateful, Stateful]:
+        return model, optimizer
 
     def carry(self, loss: torch.Tensor) -> torch.Tensor:
         return self.agreement.carry(loss)
@@ -268,6 +280,15 @@ def join(cfg: DistConfig, device: torch.device, local: Callable[[], Requests]) -
     `local`: this process's pending requests, which the ranks agree on at each step."""
     found = rank_from_env()
     if found is None:
+        if cfg.strategy == "fsdp":
+            raise ConfigError(
+                "dist.strategy: fsdp shards the model over several ranks; set dist.nproc_per_node (or dist.nnodes) "
+                "above 1, or start the ranks with torchrun"
+            )
         return Solo(local)
     rank, world_size, local_rank = found
+    if cfg.strategy == "fsdp":
+        from daemon.dist.fsdp import Sharded  # it extends Ranks, defined here
+
+        return Sharded(cfg, rank, world_size, local_rank, device, local)
     return Ranks(cfg, rank, world_size, local_rank, device, local)

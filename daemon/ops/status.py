@@ -3,7 +3,8 @@
 The checkpoints (which one a run resumes from, each verified), the epochs so far, how often and
 from what the run was resumed (the metrics history), a preemption notice the run got since it last
 resumed (its `notice` checkpoint's history record), the newest checkpoint's age, whether a trainer
-holds the directory now, and an ETA from the recent rate.
+holds the directory now, an ETA from the recent rate, and the periodic saves: the config's interval,
+or the one checkpoint.max_overhead's budget chose last and what a crash would lose at it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.ckpt.history import HistoryReader
-from daemon.ckpt.layout import REMOTE_STATE_FILE, UnusableFile, read_small_json
+from daemon.ckpt.layout import REMOTE_STATE_FILE, SAVE_POLICY_FILE, UnusableFile, read_small_json
 from daemon.ckpt.lock import describe, holder
 from daemon.ckpt.remote import RemoteTier
 from daemon.ckpt.remote import describe as describe_error
+from daemon.ckpt.sharded import ShardedStore
 from daemon.ckpt.store import CheckpointStore
 from daemon.config.sections import Config
 from daemon.service.progress import metric_text
@@ -30,7 +32,8 @@ SCAN_TRIES = 5  # listings of a directory whose files a running trainer replaces
 
 def report(cfg: Config) -> dict:
     directory = Path(cfg.checkpoint.dir)
-    entries, modified = _checkpoints(CheckpointStore(directory, cfg.checkpoint.keep_last))
+    store = (ShardedStore if cfg.dist.strategy == "fsdp" else CheckpointStore)(directory, cfg.checkpoint.keep_last)
+    entries, modified = _checkpoints(store)
     running = holder(directory)
     resume = next((entry for entry in entries if entry.valid), None)
     state = resume.state if resume else None
@@ -70,7 +73,49 @@ def report(cfg: Config) -> dict:
         "metrics_history_unusable": history.unusable,
         "metrics_lines_dropped": history.dropped,
         "remote": _remote(cfg, directory) if cfg.checkpoint.remote else None,
+        "save_policy": _save_policy(cfg, directory),
     }
+
+
+# What save-policy.json must hold, each a finite number >= 0, for status to show it.
+SAVE_POLICY_FIELDS = (
+    "interval_steps",
+    "interval_s",
+    "save_ms",
+    "step_ms",
+    "overhead",
+    "expected_loss_steps",
+    "expected_loss_s",
+    "global_step",
+    "time",
+)
+
+
+def _save_policy(cfg: Config, directory: Path) -> dict:
+    """The periodic saves: the config's fixed interval, or the one checkpoint.max_overhead's budget
+    chose last, as the run left it in save-policy.json (an advisory file: one that is not what it
+    should be is reported, not trusted)."""
+    checkpoint = cfg.checkpoint
+    found: dict = {"max_overhead": checkpoint.max_overhead, "mtbf_hours": checkpoint.mtbf_hours}
+    if checkpoint.max_overhead is None:
+        return {**found, "every_steps": checkpoint.every_steps, "every_seconds": checkpoint.every_seconds}
+    found.update(chosen=None, unusable=None)
+    try:
+        record = read_small_json(directory, SAVE_POLICY_FILE)
+    except UnusableFile as exc:
+        found["unusable"] = str(exc)
+        return found
+    if record is None:
+        return found  # no save measured yet: the run's first periodic save is its measurement
+    if not isinstance(record, dict) or not all(_measure(record.get(key)) for key in SAVE_POLICY_FIELDS):
+        found["unusable"] = "not a save policy"
+        return found
+    found["chosen"] = {key: record[key] for key in SAVE_POLICY_FIELDS}
+    return found
+
+
+def _measure(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _remote(cfg: Config, directory: Path) -> dict:
@@ -201,6 +246,11 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _seconds(seconds: float) -> str:
+    """A duration that may be under a second, as the budget's intervals on a small model are."""
+    return f"{seconds:.1f} s" if seconds < 60 else _duration(seconds)
+
+
 def show(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
@@ -254,3 +304,32 @@ def show(report: dict, as_json: bool) -> None:
             print(f"  not uploaded when the last run ended: {remote['abandoned']}")
         if remote["uploader_state_unusable"]:
             print(f"  {REMOTE_STATE_FILE} not read: {remote['uploader_state_unusable']}")
+    policy = report.get("save_policy")
+    if policy:
+        _show_save_policy(policy)
+
+
+def _show_save_policy(policy: dict) -> None:
+    if policy["max_overhead"] is None:
+        every = [f"{policy['every_steps']} steps"] if policy["every_steps"] else []
+        every += [f"{policy['every_seconds']:g} s"] if policy["every_seconds"] else []
+        print(f"periodic saves: every {' or '.join(every)}" if every else "periodic saves: none")
+        return
+    budget = f"checkpoint.max_overhead {policy['max_overhead']:.1%}"
+    if policy["mtbf_hours"]:
+        budget += f", mtbf {policy['mtbf_hours']:g} h"
+    chosen = policy["chosen"]
+    if policy["unusable"]:
+        print(f"periodic saves: {budget}; {SAVE_POLICY_FILE} not read: {policy['unusable']}")
+    elif chosen is None:
+        print(f"periodic saves: {budget}; no save measured yet")
+    else:
+        print(
+            f"periodic saves: every {chosen['interval_steps']} steps (~{_seconds(chosen['interval_s'])}) for {budget}, "
+            f"chosen at step {chosen['global_step']} ({_duration(time.time() - chosen['time'])} ago): a save costs "
+            f"the loop {chosen['save_ms']:.1f} ms, a step takes {chosen['step_ms']:.1f} ms ({chosen['overhead']:.1%})"
+        )
+        print(
+            f"a crash would redo ~{chosen['expected_loss_steps']:.0f} steps "
+            f"(~{_seconds(chosen['expected_loss_s'])}) on average"
+        )

@@ -100,11 +100,12 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
     task = build_task(cfg.task.entry, TaskContext(options=cfg.task.options, device=device, config=cfg))
     model = task.model.to(device)
     group.reseed(cfg.train.seed)
+    running = group.wrap(model)  # FSDP shards the parameters in place: before the optimizer takes them
     optimizer, scheduler, schedules = _build_optimization(cfg, task, model)
     warmup = build_warmup(cfg.optim.warmup_steps, optimizer)
     if warmup:
         schedules["warmup"] = "step"
-    stepper = Stepper(task, group.wrap(model), optimizer, cfg.train, cfg.optim.clip_grad_norm, device, group.carry)
+    stepper = Stepper(task, running, optimizer, cfg.train, cfg.optim.clip_grad_norm, device, group.carry)
     run_lock = lock.acquire(Path(cfg.checkpoint.dir)) if group.is_writer else None
     try:
         data = build_train_data(
@@ -133,8 +134,9 @@ def assemble(cfg: Config, signals: SignalRecorder, notifier: Notifier, cpu: CpuS
             if own_optimizer
             else probe_optimizer(lambda module: build_optimizer(cfg.optim, module)),
         )
-        manager.register("state_dict", model)  # the key of the classic recipe
-        manager.register("optimizer", optimizer)
+        model_piece, optimizer_piece = group.checkpointed(model, optimizer)
+        manager.register("state_dict", model_piece)  # the key of the classic recipe
+        manager.register("optimizer", optimizer_piece)
         manager.register("scheduler", scheduler)
         if warmup:
             manager.register("warmup", warmup)
