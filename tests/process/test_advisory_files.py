@@ -131,16 +131,15 @@ def test_lines_that_are_not_records_are_dropped_by_status_plot_and_a_resume(run_
     assert steps == list(range(1, 11))  # the fresh start dropped the old records past step 0 too
 
 
-@pytest.mark.parametrize(
-    "content",
-    ["[" * 200_000, "{" * 1000, '{"global_step": "x"}', '{"global_step": -3}', "[]", "directory", "fifo"],
-)
+# One record that is not a step, and the FIFO a reader could hang on: each other kind of bad marker
+# is read directly in tests/unit/test_logged_step.py.
+@pytest.mark.parametrize("content", ['{"global_step": -3}', "fifo"])
 def test_a_marker_that_is_not_a_step_is_set_aside_and_the_steps_lost_unknown(run_config, content):
     run_config.settings = {"train.max_steps": 5}
     run_to_end(run_config)
     marker = run_config.checkpoint_dir / LOGGED_STEP_FILE
     marker.unlink()
-    if content in ("directory", "fifo"):
+    if content == "fifo":
         make_unusable(run_config.checkpoint_dir, LOGGED_STEP_FILE, content, run_config.workdir)
     else:
         marker.write_text(content)
