@@ -17,7 +17,7 @@ Where each fires, in a run of `trainer run`::
         a poll fails (first of a streak) .......... [preemption_poll_failed]
         the first notice .......................... [preemption_notice]; recorded as a request
     resume ........................................ [temp_files_removed], [checkpoint_invalid ...],
-                                                    fresh_start | [config_changed] resumed
+                                                    fresh_start | [config_changed] resumed [resharded]
                                                     [advisory_file_invalid], [metrics_lines_dropped],
                                                     [metrics_history_unavailable]
     determinism
@@ -290,6 +290,15 @@ RESUMED = _event(
     "trained again now (at least that many: the run marks its step at least every 0.5 s; 0 after a stop "
     "that saved its step; absent when unknown).",
     ("path", "kind", "steps_lost"),
+    at_position=True,
+)
+RESHARDED = _event(
+    "resharded",
+    "warning",
+    "A sharded run (dist.strategy: fsdp) resumed a checkpoint of another world size: the model's and the "
+    "optimizer's shards resharded, the rest of the epoch in flight split over the new ranks, every rank's RNGs "
+    "seeded anew. It continues correctly, not bitwise (docs/distributed.md#another-world-size).",
+    ("world_size_before", "world_size"),
     at_position=True,
 )
 CONFIG_CHANGED = _event("config_changed", "warning", "Resume-safe settings differ from the checkpoint's.", ("changes",))

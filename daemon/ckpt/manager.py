@@ -101,6 +101,7 @@ class CheckpointManager:
             fingerprint=fingerprint,
             cpu_threads_setting=cpu_threads_setting,
             world_size=group.world_size,
+            reshards=group.reshards,
             remote=remote,
         )
 

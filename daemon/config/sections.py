@@ -226,6 +226,10 @@ class DistConfig:
     # the optimizer's state sharded over the ranks (FSDP2), each checkpoint a directory every rank writes
     # its shard to (docs/distributed.md#fsdp-sharded-models). Needs several ranks.
     strategy: str = "ddp"
+    # fsdp: a checkpoint of another world size is resumed by resharding (DCP reshards the model and the
+    # optimizer's state, the rest of the epoch is split over the new ranks): it continues correctly, not
+    # bitwise (docs/distributed.md#another-world-size). false refuses it (78), as ddp always does.
+    allow_reshard: bool = True
 
     def __post_init__(self) -> None:
         _require(self.nproc_per_node >= 1, "dist.nproc_per_node", "must be >= 1")

@@ -34,13 +34,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from daemon.ckpt.registry import Stateful
+from daemon.ckpt.rng import RNGState
 from daemon.ckpt.schema import require
 from daemon.ckpt.sharded import ShardedState, ShardedStore, layout, shards
 from daemon.ckpt.store import CheckpointStore, SaveResult
 from daemon.ckpt.writer import BackgroundWriter, snapshot
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import BoundaryAgreement, Requests
-from daemon.dist.group import Ranks
+from daemon.dist.group import Ranks, seed_after_reshard
 from daemon.dist.rank_state import NoWriter, RankZeroStore
 from daemon.errors import CheckpointWriteError, TrainerError
 
@@ -60,6 +61,7 @@ class Sharded(Ranks):
         local: Callable[[], Requests],
     ) -> None:
         super().__init__(cfg, rank, world_size, local_rank, device, local)
+        self.reshards = cfg.allow_reshard
         self.agreement = BoundaryAgreement(self.group, local)  # type: ignore[assignment]
         # Background saves finish (gather every rank's result, write DCP's index) on a thread, over a
         # gloo group of their own: never interleaved with the training's collectives.
@@ -104,7 +106,9 @@ class Sharded(Ranks):
     def resume(self, resume: Callable[[Callable[[dict], None]], Any], load: Callable[[dict], None]) -> bool:
         """As `Ranks.resume` (rank 0 finds and checks the checkpoint, every rank loads what is not
         sharded), then every rank loads its shards from the checkpoint's directory: DCP's load is a
-        collective, so it waits until every rank knows which checkpoint."""
+        collective, so it waits until every rank knows which checkpoint. From a checkpoint of another
+        world size DCP reshards them; every rank's RNGs then start a stream of their own
+        (`seed_after_reshard`), the rest of the rank-keyed state as `RankKeyed` says."""
         found: list[Path] = []
 
         def resume_and_keep(load: Callable[[dict], None]) -> Any:
@@ -113,7 +117,12 @@ class Sharded(Ranks):
                 found.append(entry.path)
             return entry
 
-        loaded = super().resume(resume_and_keep, load)
+        def load_and_reseed(state: dict) -> None:
+            load(state)
+            if state["world_size"] != self.world_size:
+                RNGState.seed_all(seed_after_reshard(self.seed, self.rank, state["global_step"]))
+
+        loaded = super().resume(resume_and_keep, load_and_reseed)
         directory = self.broadcast(found[0] if found else None)
         if directory is not None:
             assert self.parts is not None  # registered as the run was assembled

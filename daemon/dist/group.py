@@ -8,6 +8,7 @@ rank sees it: rank 0 reads and writes it, and no rank goes on before a save is d
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,6 +42,14 @@ def seed_for_rank(seed: int, rank: int) -> int:
     return (seed + rank) % 2**32
 
 
+def seed_after_reshard(seed: int, rank: int, global_step: int) -> int:
+    """Each rank's own stream from a resume at another world size: the saved streams belong to the
+    old ranks (a new rank taking one would draw the same masks as its owner), so every rank starts a
+    new one, the same whenever that checkpoint is resumed at that size."""
+    digest = hashlib.sha256(f"trainer-reshard/{seed}/{rank}/{global_step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")  # numpy's seeds are 32-bit
+
+
 class ProcessGroup(Protocol):
     """What the run asks of the processes it trains with."""
 
@@ -48,6 +57,7 @@ class ProcessGroup(Protocol):
     world_size: int
     is_writer: bool  # writes the checkpoints, the run directory's files and the history (rank 0)
     shards: bool  # the model and the optimizer's state are sharded: checkpoints are directories (daemon/dist/fsdp.py)
+    reshards: bool  # a checkpoint of another world size is resumed (fsdp with dist.allow_reshard), not refused
 
     def place(self, device: torch.device) -> torch.device: ...
 
@@ -92,6 +102,7 @@ class Solo:
     world_size = 1
     is_writer = True
     shards = False
+    reshards = False
 
     def __init__(self, local: Callable[[], Requests]) -> None:
         self.local = local  # the pending requests, which nobody else need agree on
@@ -144,6 +155,8 @@ class Ranks:
 
     is_writer: bool
     shards = False
+    # DDP's exactness rests on the world size (each rank's RNGs, the gradients' order of summation).
+    reshards = False
 
     def __init__(
         self,
@@ -156,6 +169,7 @@ class Ranks:
     ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.is_writer = rank == 0
+        self.seed = 0  # train.seed, once `reseed` is given it
         structlog.contextvars.bind_contextvars(rank=rank)  # every event says which rank logged it
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
@@ -178,6 +192,7 @@ class Ranks:
 
     def reseed(self, seed: int) -> None:
         """After the model's initialisation (the same on every rank): each rank's own stream from here."""
+        self.seed = seed
         RNGState.seed_all(seed_for_rank(seed, self.rank))
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from daemon.ckpt.registry import Stateful
-from daemon.ckpt.schema import listed, require
+from daemon.ckpt.schema import conform, require
 from daemon.ckpt.store import CheckpointStore, SaveResult
 from daemon.errors import TrainerError
 
@@ -31,25 +31,49 @@ class OwnState:
 
 class RankKeyed:
     """A piece of state each rank has its own value of (its RNGs, a task's state): saved for every
-    rank, as `{"rank_0": ..., "rank_1": ...}`, gathered to rank 0; each rank loads its own entry back."""
+    rank, as `{"rank_0": ..., "rank_1": ...}`, gathered to rank 0; each rank loads its own entry back.
+
+    Resumed at another world size (a sharded run, daemon/dist/fsdp.py), the entries are the old
+    ranks': a part that knows how to share them out has `load_resharded(entries, rank)` (the running
+    sums); any other loads its own rank's entry where there is one, else rank 0's (a task's state).
+    The RNGs are then seeded anew for every rank by the group."""
 
     def __init__(self, part: Stateful, ranks: Ranks) -> None:
         self.part = part
         self.ranks = ranks
-        if callable(getattr(part, "check_state", None)):  # a piece that checks its own format: each rank's entry
-            self.check_state = self._check_every_rank
 
-    def _check_every_rank(self, state: Any, checkpoint: dict, where: str) -> None:
-        keys = {RANK_KEY.format(rank) for rank in range(self.ranks.world_size)}
-        require(isinstance(state, dict) and state.keys() == keys, where, f"must hold the entries of {listed(keys)}")
+    def check_state(self, state: Any, checkpoint: dict, where: str) -> None:
+        """One entry per rank of the run that saved it (its `world_size`), each as this rank's own
+        value is (or as the part checks its own format)."""
+        saved_by = checkpoint.get("world_size", 1)
+        # The count first: a forged world_size must not make a set of a billion names.
+        require(
+            isinstance(state, dict)
+            and len(state) == saved_by
+            and state.keys() == {RANK_KEY.format(rank) for rank in range(saved_by)},
+            where,
+            f"must hold one entry for each of the {saved_by} rank(s) that saved it, rank_0 to rank_{saved_by - 1}",
+        )
+        check = getattr(self.part, "check_state", None)
+        own = None if callable(check) else self.part.state_dict()
         for key in sorted(state):
-            self.part.check_state(state[key], checkpoint, f"{where}.{key}")  # type: ignore[attr-defined]
+            if own is None:
+                check(state[key], checkpoint, f"{where}.{key}")  # type: ignore[misc]
+            else:
+                conform(state[key], own, f"{where}.{key}")
 
     def state_dict(self) -> OwnState:
         return OwnState(self.part.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        self.part.load_state_dict(state[RANK_KEY.format(self.ranks.rank)])
+        # One entry per rank that saved it (check_state): as many as this run's ranks unless resharded.
+        own = RANK_KEY.format(self.ranks.rank)
+        resharded = len(state) != self.ranks.world_size
+        load_resharded = getattr(self.part, "load_resharded", None)
+        if resharded and callable(load_resharded):
+            load_resharded(state, self.ranks.rank)
+        else:
+            self.part.load_state_dict(state[own] if own in state else state[RANK_KEY.format(0)])
 
 
 class RankZeroStore:

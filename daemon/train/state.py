@@ -146,3 +146,14 @@ class RunningSums:
             name: torch.tensor(total, dtype=torch.float64, device=p.loss_sum.device)
             for name, total in state["sums"].items()
         }
+
+    def load_resharded(self, entries: dict, rank: int) -> None:
+        """Resumed at another world size: the old ranks' shares belong to no new rank. Rank 0 takes
+        their sum (the checkpoint's `metrics`, which `TrainProgress` loaded), every other rank starts
+        from zero: the sums over the ranks, and so the epoch's loss, are those of every sample trained."""
+        if rank == 0:
+            return
+        p = self.progress
+        p.loss_sum.zero_()
+        p.own_samples = 0
+        p.metric_sums = {name: torch.zeros_like(total) for name, total in p.metric_sums.items()}

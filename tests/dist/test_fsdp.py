@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from test_dist import signal_a_rank
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from daemon.ckpt.sharded import COMMIT_RECORD, read_sharded
-from trainer_proc import DIST_SETTINGS, RunConfig, TrainerProcess, assert_same_training, run_to_end
+from trainer_proc import DIST_SETTINGS, NOT_BUILTIN, RunConfig, TrainerProcess, assert_same_training, run_to_end
 
 # 20 steps an epoch (DIST_SETTINGS), 2 epochs: a save every 5 steps.
 SHARDED = {**DIST_SETTINGS, "train.epochs": 2, "dist.nproc_per_node": 2, "dist.strategy": "fsdp"}
@@ -91,3 +92,57 @@ def test_a_missing_commit_record_and_a_damaged_shard_fall_back_to_the_previous_c
     assert "missing" in invalid[0]["reason"] and "__1_0.distcp" in invalid[1]["reason"], invalid
     assert [e["global_step"] for e in resumed.events("resumed")] == [5]
     assert_same_training(final_sharded(run_config), unbroken)
+
+
+SAMPLE_LOG_TASK = Path(__file__).resolve().parent.parent / "sample_log_task.py"
+
+
+def test_a_resume_on_three_ranks_reshards_and_the_epoch_in_flight_trains_every_sample_once(run_config):
+    """2 ranks stopped mid-epoch, resumed by 3: each sample of the epoch is trained exactly once, by
+    the ranks of one run or of the other, as the task's own record of its batches says."""
+    record_dir = run_config.workdir / "trained"
+    record_dir.mkdir()
+    samples, batch_size = 640, 16  # 40 steps: the stop lands mid-epoch on any machine
+    run_config.settings = {
+        **NOT_BUILTIN,
+        "task.entry": f"{SAMPLE_LOG_TASK}:build",
+        "task.options": {"record_dir": str(record_dir), "samples": samples},
+        "train.epochs": 1,
+        "train.batch_size": batch_size,
+        "checkpoint.every_steps": 5,
+        "dist.nproc_per_node": 2,
+        "dist.strategy": "fsdp",
+    }
+    process = TrainerProcess.start(run_config)
+    pids = process.wait_for("ranks_started")["pids"]
+    signal_a_rank(process, pids, pids[1], signal.SIGTERM, at_step=5, expect=75)
+    step = process.events("stopped")[0]["global_step"]
+    assert 5 < step < samples // batch_size, step
+
+    run_config.settings.update({"dist.nproc_per_node": 3, "checkpoint.every_steps": 0})  # the final save only
+    resumed = run_to_end(run_config)
+
+    assert [(e["world_size_before"], e["world_size"], e["global_step"]) for e in resumed.events("resharded")] == [
+        (2, 3, step)
+    ]
+    assert sorted(e["rank"] for e in resumed.events("training_completed")) == [0, 1, 2]
+    logs = sorted(log.name for log in record_dir.iterdir())
+    assert logs == ["2-ranks.rank-0", "2-ranks.rank-1", "3-ranks.rank-0", "3-ranks.rank-1", "3-ranks.rank-2"], logs
+    trained = Counter(int(index) for log in record_dir.iterdir() for index in log.read_text().split())
+    assert trained.keys() == set(range(samples)) and set(trained.values()) == {1}, trained.most_common(3)
+    final = final_sharded(run_config)
+    assert (final["world_size"], final["epoch"], final["global_step"]) == (3, 1, samples // batch_size)
+
+
+def test_a_changed_strategy_is_refused_before_training(run_config):
+    """A ddp run (one process) over a directory that holds only a committed sharded checkpoint."""
+    planted = run_config.checkpoint_dir / "ckpt-0000000005-periodic.dcp"
+    planted.mkdir(parents=True)
+    (planted / COMMIT_RECORD).write_text("{}")  # looked at, never read
+    run_config.settings = DIST_SETTINGS
+    process = TrainerProcess.start(run_config)
+
+    assert process.wait() == 78, process.output()
+    (refused,) = process.events("config_error")
+    assert "dist.strategy: fsdp (ckpt-0000000005-periodic.dcp) and none of dist.strategy: ddp" in refused["message"]
+    assert not process.events("fresh_start") and not process.events("epoch_started") and planted.is_dir()

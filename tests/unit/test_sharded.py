@@ -11,16 +11,21 @@ import pytest
 import torch
 
 from checkpoint_files import make_state
+from daemon.ckpt.logged_step import LoggedStep
+from daemon.ckpt.resume import Resumer
 from daemon.ckpt.sharded import COMMIT_RECORD, REST_FILE, ShardedState, ShardedStore, shards
+from daemon.ckpt.store import CheckpointStore
 from daemon.config.sections import DistConfig
 from daemon.dist.agreement import Requests
 from daemon.dist.group import join
 from daemon.errors import ConfigError
 
 
-def committed(store: ShardedStore, step: int) -> os.PathLike:
-    """A sharded checkpoint as the ranks leave it: their shard files, then rank 0's `save`."""
-    state = {**make_state(step), "state_dict": ShardedState("model", {"weight": torch.full((4, 4), float(step))})}
+def committed(store: ShardedStore, step: int, **more) -> os.PathLike:
+    """A sharded checkpoint as the ranks leave it: their shard files, then rank 0's `save`. `more`:
+    keys of its state besides make_state's."""
+    weight = torch.full((4, 4), float(step))
+    state = {**make_state(step), "state_dict": ShardedState("model", {"weight": weight}), **more}
     path = store.path_for(step, "periodic")
     store.prepare(path)
     for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):  # stand-ins: DCP's bytes are not read here
@@ -111,3 +116,41 @@ def test_a_single_process_refuses_to_shard(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="dist.strategy: fsdp shards the model over several ranks"):
         join(DistConfig(strategy="fsdp"), torch.device("cpu"), Requests)
+
+
+def resumer(store):
+    return Resumer(store, LoggedStep(store.directory), settings={}, fingerprint="f", cpu_threads_setting=None,
+                   world_size=2)  # fmt: skip
+
+
+def resume(store):
+    return resumer(store).resume(
+        schema=None, load=lambda state: None, position=dict
+    )  # no checkpoint of its own to check
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["fsdp over ddp's", "ddp over fsdp's"])
+def test_a_changed_strategy_is_refused_rather_than_starting_afresh_beside_the_other_checkpoints(tmp_path, sharded):
+    files, directories = CheckpointStore(tmp_path, keep_last=5), ShardedStore(tmp_path, keep_last=5)
+    this, other = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+    if sharded:
+        files.save(make_state(3))
+    else:
+        committed(directories, 3)
+
+    with pytest.raises(ConfigError) as refused:
+        resume(directories if sharded else files)
+
+    message = str(refused.value)
+    assert f"dist.strategy: {other} (ckpt-0000000003-periodic" in message, message
+    assert f"none of dist.strategy: {this}" in message and f"Set dist.strategy back to {other}" in message
+    assert "point checkpoint.dir elsewhere" in message and refused.value.exit_code == 78
+
+
+def test_what_only_looks_like_the_other_strategys_checkpoints_is_no_reason_to_refuse(tmp_path):
+    """A directory never committed, and a link under a checkpoint file's name, hold no checkpoint."""
+    files, directories = CheckpointStore(tmp_path, keep_last=5), ShardedStore(tmp_path, keep_last=5)
+    no_commit_record(committed(directories, 4))
+    (tmp_path / "ckpt-0000000004-periodic.pt").symlink_to(tmp_path / "elsewhere.pt")
+
+    assert resume(files) is None and resume(directories) is None  # a fresh start, each
