@@ -186,6 +186,8 @@ class CheckpointSchema:
         self.shape = shape
         self.checks: dict[str, Callable[[Any, dict], None]] = {
             "optimizer": lambda value, state: self._check_optimizer(value, trained=state["global_step"] > 0),
+            # A count a resume acts on (torch.set_num_threads): an int alone is not one.
+            "cpu_threads": lambda value, _state: _positive_count(value, "cpu_threads"),
             **validators,
         }
         for key, counts in shape.schedules.items():
@@ -296,6 +298,10 @@ def _metrics_of(entry: Any) -> dict:
     if not isinstance(entry, dict):
         return {}
     return {key: Rule(_finite_number) for key in entry if key not in ("epoch", "train_loss")}
+
+
+def _positive_count(value: Any, where: str) -> None:
+    require(is_exactly(value, int) and value >= 1, where, f"{shown(value)} is not a count >= 1")
 
 
 def _finite_number(value: Any, where: str) -> None:

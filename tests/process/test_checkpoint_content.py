@@ -81,6 +81,8 @@ FORGERIES = {
     "gauss_next a string": (_set(("rng", "python", "gauss_next"), "x"), "rng.python.gauss_next"),
     "cuda states not a list": (_set(("rng", "cuda"), 3), "rng.cuda: a list expected"),
     "a bool for an int": (_set(("rng", "numpy", "has_gauss"), True), "rng.numpy.has_gauss: int expected"),
+    "no CPU threads": (_set(("cpu_threads",), 0), "cpu_threads: 0 is not a count >= 1"),
+    "no ranks": (_set(("world_size",), 0), "world_size: 0 is not a number of ranks"),
 }
 # The cases of the report that crashed every start or silently skipped an epoch's rest.
 REPORTED = [
