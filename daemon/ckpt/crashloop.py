@@ -32,6 +32,8 @@ from daemon.ckpt.layout import (
     CHECKPOINT_NAME,
     CRASH_RECORD_FILE,
     LOCK_FILE,
+    SHARDED_COMMIT_FILE,
+    SHARDED_NAME,
     UnusableFile,
     read_small_json,
     set_aside,
@@ -99,7 +101,8 @@ class CrashLoopGuard:
             self._write(dataclasses.replace(self._read(), running=False))
 
     def _checkpoint_names(self) -> list[str]:
-        """The names of the checkpoint files: a directory or a link named like one is no progress."""
+        """The names of the checkpoints: the files, and the sharded checkpoints' directories that hold
+        their commit record; a link, or a directory named like a file, is no progress."""
         try:
             names = os.listdir(self.directory)
         except OSError:  # none yet, or not a directory: the lock reports that
@@ -107,8 +110,12 @@ class CrashLoopGuard:
         found = []
         for name in names:
             try:
-                if CHECKPOINT_NAME.match(name) and stat.S_ISREG(os.lstat(self.directory / name).st_mode):
+                mode = os.lstat(self.directory / name).st_mode
+                if CHECKPOINT_NAME.match(name) and stat.S_ISREG(mode):
                     found.append(name)
+                elif SHARDED_NAME.match(name) and stat.S_ISDIR(mode):
+                    if stat.S_ISREG(os.lstat(self.directory / name / SHARDED_COMMIT_FILE).st_mode):
+                        found.append(name)
             except OSError:  # removed meanwhile (retention)
                 pass
         return found

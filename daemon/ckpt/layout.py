@@ -35,6 +35,7 @@ from daemon import events
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.pt$")
 SHARDED_NAME = re.compile(r"^ckpt-(?P<step>\d{10})-(?P<kind>[a-z_]+)\.dcp$")
+SHARDED_COMMIT_FILE = "commit.json"  # a sharded checkpoint's own commit record, written last in its directory
 INVALID_SUFFIX = ".invalid"
 LOCK_FILE = "run.lock"
 CRASH_RECORD_FILE = "crash-record.json"

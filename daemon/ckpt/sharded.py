@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from daemon.ckpt.layout import (
+    SHARDED_COMMIT_FILE,
     SHARDED_NAME,
     UnusableFile,
     fsync_directory,
@@ -49,7 +50,7 @@ from daemon.ckpt.store import A_LINK, EPOCH_END_KINDS, CheckpointStore, Entry, S
 if TYPE_CHECKING:
     from daemon.ckpt.remote import Manifest
 
-COMMIT_RECORD = "commit.json"
+COMMIT_RECORD = SHARDED_COMMIT_FILE
 REST_FILE = "state.pt"
 COMMIT_VERSION = 1
 NOT_A_DIRECTORY = "not a directory; left in place"

@@ -9,6 +9,7 @@ import pytest
 
 from daemon.ckpt.crashloop import CRASH_LIMIT, CrashLoopGuard
 from daemon.ckpt.layout import CRASH_RECORD_FILE as RECORD_FILE
+from daemon.ckpt.layout import SHARDED_COMMIT_FILE
 from daemon.errors import CheckpointWriteError, CrashLoop, ExitCode
 
 
@@ -19,6 +20,22 @@ def crash(directory: Path) -> None:
 
 def checkpoint(directory: Path, step: int) -> None:
     (directory / f"ckpt-{step:010d}-periodic.pt").write_bytes(b"")
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "without its commit record"])
+def test_a_sharded_checkpoint_is_progress_once_committed(tmp_path: Path, committed: bool) -> None:
+    for _ in range(CRASH_LIMIT - 1):
+        crash(tmp_path)
+    sharded = tmp_path / f"ckpt-{10:010d}-periodic.dcp"  # the last crashed run saved one before it died
+    sharded.mkdir()
+    if committed:
+        (sharded / SHARDED_COMMIT_FILE).write_text("{}")
+    crash(tmp_path)
+    if committed:
+        crash(tmp_path)  # the count started again at the checkpoint
+    else:
+        with pytest.raises(CrashLoop, match="since the first start"):
+            crash(tmp_path)
 
 
 def test_the_start_after_the_limit_of_crashes_is_refused_once(tmp_path: Path) -> None:
