@@ -407,6 +407,15 @@ LEASE_LOST = _event(
     ("message", "exit_code", "holder"),
 )
 
+LEASE_NOT_RELEASED = _event(
+    "lease_not_released",
+    "warning",
+    "At the run's end the remote prefix's lease could not be removed within the wait allowed (a slow or "
+    "unreachable store): it stays until it lapses, checkpoint.remote_lease_seconds after its last "
+    "renewal; a restart on this host takes it over at once.",
+    ("url", "reason", "waited_s"),
+)
+
 # -- several ranks -------------------------------------------------------------------------
 RANKS_STARTED = _event(
     "ranks_started", "info", "The launcher started this node's ranks.", ("pids", "nproc_per_node", "nnodes")

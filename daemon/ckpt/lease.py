@@ -188,14 +188,25 @@ class Lease:
         (a stalled one must not hold up an exit): unreleased, it lapses after remote_lease_seconds."""
         self._stop.set()
         if self.lost is None:
-            remover = threading.Thread(target=self._remove_if_held, name="ckpt-lease-release", daemon=True)
+            started = time.monotonic()
+            outcome: list[str] = []  # what the remover found: "" once done, else the error
+            remover = threading.Thread(
+                target=self._remove_if_held, args=(outcome,), name="ckpt-lease-release", daemon=True
+            )
             remover.start()
             remover.join(RELEASE_WAIT_S)
+            if outcome != [""]:
+                events.LEASE_NOT_RELEASED.emit(
+                    url=self.tier.object_url(LEASE_OBJECT),
+                    reason=outcome[0] if outcome else f"no answer within {RELEASE_WAIT_S:g} s",
+                    waited_s=round(time.monotonic() - started, 1),
+                )
 
-    def _remove_if_held(self) -> None:
+    def _remove_if_held(self, outcome: list[str]) -> None:
         try:
             holder = parse_holder(self.tier.read_small(LEASE_OBJECT))
             if holder is not None and holder.token == self.token:
                 self.tier.remove(LEASE_OBJECT)
-        except Exception:  # noqa: BLE001 -- see release()
-            pass
+            outcome.append("")
+        except Exception as exc:  # noqa: BLE001 -- reported by release()
+            outcome.append(describe(exc))
