@@ -31,6 +31,42 @@ class Requests:
         )
 
 
+class BoundaryCost:
+    """What agreeing costs a rank: the time its boundaries spend handing and reading the ranks' flags,
+    against the steps from boundary to boundary (an evaluation or a save between epochs is no step)."""
+
+    def __init__(self) -> None:
+        self.boundaries = self.steps = 0
+        self.hand_s = self.read_s = self.steps_s = 0.0
+        self._last_boundary: float | None = None
+
+    def boundary(self, started: float) -> None:
+        """A boundary whose reading of the flags began at `started` (time.perf_counter) just ended."""
+        now = time.perf_counter()
+        self.read_s += now - started
+        if self._last_boundary is not None:
+            self.steps_s += now - self._last_boundary
+            self.steps += 1
+        self._last_boundary = now
+        self.boundaries += 1
+
+    def pause(self) -> None:
+        self._last_boundary = None
+
+    def report(self) -> dict:
+        hand_ms = self.hand_s / max(self.boundaries, 1) * 1e3
+        read_ms = self.read_s / max(self.boundaries, 1) * 1e3  # waits for the slowest rank included
+        step_ms = self.steps_s / max(self.steps, 1) * 1e3
+        share = 100 * (hand_ms + read_ms) / step_ms if self.steps else 0.0  # of a step, boundary to boundary
+        return {
+            "boundaries": self.boundaries,
+            "hand_ms_mean": round(hand_ms, 4),
+            "read_ms_mean": round(read_ms, 4),
+            "step_ms_mean": round(step_ms, 3),
+            "share_of_step_percent": round(share, 2),
+        }
+
+
 class Agreement:
     """The ranks' pending requests, combined so that every rank acts on the same ones after the
     same step.
@@ -50,9 +86,7 @@ class Agreement:
         self._local = local  # this rank's pending requests, read as a backward begins
         self.flags: nn.Parameter | None = None  # on the model's device, once `replicate` placed them
         self._carried = Requests()  # agreed by a stop check between epochs, acted on at the next boundary
-        self.boundaries = self.steps = 0
-        self.hand_s = self.read_s = self.steps_s = 0.0  # steps_s: boundary to boundary, over `steps`
-        self._last_boundary: float | None = None
+        self.costs = BoundaryCost()
 
     def replicate(self, model: nn.Module, device_ids: list[int] | None) -> nn.parallel.DistributedDataParallel:
         """`model` under DDP, with the flags among the parameters whose gradients it reduces."""
@@ -79,7 +113,7 @@ class Agreement:
         local = self._local()
         assert self.flags is not None  # `replicate` placed them as the run was assembled
         flags = torch.tensor((local.stop, local.save, local.periodic), dtype=self.flags.dtype, device=self.flags.device)
-        self.hand_s += time.perf_counter() - started
+        self.costs.hand_s += time.perf_counter() - started
         return flags
 
     def _read(self) -> Requests:
@@ -96,36 +130,20 @@ class Agreement:
         started = time.perf_counter()
         carried, self._carried = self._carried, Requests()
         requests = self._read()
-        now = time.perf_counter()
-        self.read_s += now - started
-        if self._last_boundary is not None:
-            self.steps_s += now - self._last_boundary
-            self.steps += 1
-        self._last_boundary = now
-        self.boundaries += 1
+        self.costs.boundary(started)
         return carried | requests
 
     def stop_agreed(self, stop: bool) -> bool:
         """Whether any rank asks to stop, now (synchronously): between epochs and at start-up.
         Requests the last backward brought back are kept for the next boundary."""
         self._carried = self._carried | self._read()
-        self._last_boundary = None  # an evaluation or a save between epochs is no step
+        self.costs.pause()
         asked = torch.tensor([stop or self._carried.stop], dtype=torch.uint8)
         dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
         return bool(asked.item())
 
     def cost(self) -> dict:
-        hand_ms = self.hand_s / max(self.boundaries, 1) * 1e3
-        read_ms = self.read_s / max(self.boundaries, 1) * 1e3
-        step_ms = self.steps_s / max(self.steps, 1) * 1e3
-        share = 100 * (hand_ms + read_ms) / step_ms if self.steps else 0.0  # of a step, boundary to boundary
-        return {
-            "boundaries": self.boundaries,
-            "hand_ms_mean": round(hand_ms, 4),
-            "read_ms_mean": round(read_ms, 4),
-            "step_ms_mean": round(step_ms, 3),
-            "share_of_step_percent": round(share, 2),
-        }
+        return self.costs.report()
 
 
 class _HandFlags(torch.autograd.Function):
@@ -151,9 +169,7 @@ class BoundaryAgreement:
     def __init__(self, group: dist.ProcessGroup, local: Callable[[], Requests]) -> None:
         self.group = group
         self._local = local
-        self.boundaries = self.steps = 0
-        self.read_s = self.steps_s = 0.0
-        self._last_boundary: float | None = None
+        self.costs = BoundaryCost()
 
     def carry(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -164,28 +180,14 @@ class BoundaryAgreement:
         flags = torch.tensor((local.stop, local.save, local.periodic), dtype=torch.uint8)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         stop, save, periodic = flags.tolist()
-        now = time.perf_counter()
-        self.read_s += now - started
-        if self._last_boundary is not None:
-            self.steps_s += now - self._last_boundary
-            self.steps += 1
-        self._last_boundary = now
-        self.boundaries += 1
+        self.costs.boundary(started)
         return Requests(stop=bool(stop), save=bool(save), periodic=bool(periodic))
 
     def stop_agreed(self, stop: bool) -> bool:
-        self._last_boundary = None  # an evaluation or a save between epochs is no step
+        self.costs.pause()
         asked = torch.tensor([stop], dtype=torch.uint8)
         dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=self.group)
         return bool(asked.item())
 
     def cost(self) -> dict:
-        read_ms = self.read_s / max(self.boundaries, 1) * 1e3  # the all_reduce, waits for the slowest rank included
-        step_ms = self.steps_s / max(self.steps, 1) * 1e3
-        return {
-            "boundaries": self.boundaries,
-            "hand_ms_mean": 0.0,
-            "read_ms_mean": round(read_ms, 4),
-            "step_ms_mean": round(step_ms, 3),
-            "share_of_step_percent": round(100 * read_ms / step_ms, 2) if self.steps else 0.0,
-        }
+        return self.costs.report()
