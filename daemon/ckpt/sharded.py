@@ -45,7 +45,15 @@ from daemon.ckpt.layout import (
     write_atomic,
 )
 from daemon.ckpt.schema import InvalidCheckpoint, is_exactly, require
-from daemon.ckpt.store import A_LINK, EPOCH_END_KINDS, CheckpointStore, Entry, SaveResult, read_checkpoint
+from daemon.ckpt.store import (
+    A_LINK,
+    EPOCH_END_KINDS,
+    CheckpointStore,
+    Entry,
+    SaveResult,
+    named_like,
+    read_checkpoint,
+)
 
 if TYPE_CHECKING:
     from daemon.ckpt.remote import Manifest
@@ -212,14 +220,7 @@ class ShardedStore(CheckpointStore):
         if not self.directory.is_dir():
             return []
         found = []
-        for path in self.directory.iterdir():
-            match = SHARDED_NAME.match(path.name)
-            if not match:
-                continue
-            try:
-                status = path.lstat()
-            except FileNotFoundError:  # removed by a running trainer's retention meanwhile
-                continue
+        for path, match, status in named_like(self.directory, SHARDED_NAME):
             is_dir, is_link = stat.S_ISDIR(status.st_mode), stat.S_ISLNK(status.st_mode)
             reason = None if is_dir else A_LINK if is_link else NOT_A_DIRECTORY
             entry = Entry(path, int(match["step"]), match["kind"], 0, reason=reason)

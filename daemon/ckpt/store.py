@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -125,6 +126,19 @@ def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
     return exc
 
 
+def named_like(directory: Path, name: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str], os.stat_result]]:
+    """Each entry of `directory` whose name matches `name`, with its own status (a link's, never its target's)."""
+    for path in directory.iterdir():
+        match = name.match(path.name)
+        if not match:
+            continue
+        try:
+            status = path.lstat()
+        except FileNotFoundError:  # removed by a running trainer's retention meanwhile
+            continue
+        yield path, match, status
+
+
 class CheckpointStore:
     def __init__(self, directory: Path, keep_last: int) -> None:
         self.directory = directory
@@ -173,14 +187,7 @@ class CheckpointStore:
         if not self.directory.is_dir():
             found.sort(key=lambda item: item[0], reverse=True)
             return [entry for _, entry in found]
-        for path in self.directory.iterdir():
-            match = CHECKPOINT_NAME.match(path.name)
-            if not match:
-                continue
-            try:
-                status = path.lstat()
-            except FileNotFoundError:  # removed by a running trainer's retention meanwhile
-                continue
+        for path, match, status in named_like(self.directory, CHECKPOINT_NAME):
             reason = None if stat.S_ISREG(status.st_mode) else A_LINK if stat.S_ISLNK(status.st_mode) else NOT_A_FILE
             entry = Entry(path, int(match["step"]), match["kind"], status.st_size, reason=reason)
             found.append(((entry.global_step, entry.kind in EPOCH_END_KINDS, True, status.st_mtime_ns), entry))
