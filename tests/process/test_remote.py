@@ -15,7 +15,10 @@ import time
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
+from daemon.ckpt.lease import RELEASE_WAIT_S, Lease
+from daemon.ckpt.remote import RemoteTier
 from s3_server import S3_ENVIRONMENT, FaultProxy, S3Server, credentials
 from trainer_proc import UNTIL_STOPPED, RunConfig, TrainerProcess, assert_same_training, final_checkpoint
 
@@ -249,6 +252,23 @@ def test_one_run_per_remote_prefix(run_config, remote, mnist_root, tmp_path_fact
     assert fifth.wait() == 75, fifth.output()
     # A run that ends releases its lease, or says why not (its store too slow: a machine this loaded).
     assert "lease.json" not in remote.names() or fifth.events("lease_not_released"), fifth.output()
+
+
+def test_a_lease_the_store_does_not_let_go_of_in_time_is_reported(remote):
+    """A run's end waits RELEASE_WAIT_S for its lease's removal; a store that stops answering leaves the
+    lease to lapse, and the run says so instead of exiting as if it had been released."""
+    tier = RemoteTier(remote.settings["checkpoint.remote"], remote.settings["checkpoint.remote_options"])
+    lease = Lease(tier, 60.0)
+    lease.acquire()
+    remote.proxy.set_mode("stall")
+    remote.proxy.cut()  # the pooled connections too: every request from here on hangs
+
+    with capture_logs() as logs:
+        lease.release()
+
+    (report,) = [log for log in logs if log["event"] == "lease_not_released"]
+    assert report["reason"] == f"no answer within {RELEASE_WAIT_S:g} s" and report["waited_s"] >= RELEASE_WAIT_S
+    assert "lease.json" in remote.names()  # left to lapse
 
 
 def with_secret(remote: Remote) -> dict:
